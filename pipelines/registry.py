@@ -1,0 +1,97 @@
+"""The models a warehouse knows: resolve a name, export it once, load its stored ONNX encoder.
+
+Exporting needs torch (``ew[train]``); every later use loads the stored ONNX graph with
+onnxruntime, so the ingest path never imports torch or transformers.
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.compute as pc
+
+from warehouse import Warehouse, Writer
+from warehouse.errors import UnknownModelKeyError
+from warehouse.store import now_utc
+from warehouse.tables import MODELS
+
+from .encoder import Encoder
+from .models import resolve_model
+
+
+@dataclass(frozen=True)
+class PreparedModel:
+    key: str
+    artifact: Path
+    exported: bool            # exported by this call
+    max_abs_diff: float | None
+
+
+def registered_models(warehouse: Warehouse, *, version: int | None = None) -> list[dict]:
+    """Rows of the ``models`` table at ``version`` (default latest), oldest first."""
+    snapshot = warehouse.snapshot(version)
+    rows = warehouse.dataset(MODELS, snapshot).to_table().to_pylist()
+    return sorted(rows, key=lambda row: row["created_at"])
+
+
+def _current_row(warehouse: Warehouse, key: str) -> dict | None:
+    table = warehouse.current_dataset(MODELS).to_table()
+    matches = table.filter(pc.equal(table.column("model"), key)).to_pylist()
+    return matches[0] if matches else None
+
+
+def prepare_model(
+    writer: Writer,
+    name: str,
+    *,
+    pooling: str = "mean",
+    max_length: int | None = None,
+) -> PreparedModel:
+    """Make sure the model ``name`` is exported and registered in the warehouse (under the write lock).
+
+    ``name`` is an alias, a Hugging Face id, a local directory, or the key of a registered model.
+    """
+    warehouse = writer.warehouse
+    row = _current_row(warehouse, name)
+    if row is not None and (warehouse.root / row["artifact"]).is_dir():
+        return PreparedModel(key=name, artifact=warehouse.root / row["artifact"], exported=False, max_abs_diff=row["max_abs_diff"])
+    source = resolve_model(name, pooling=pooling, max_length=max_length)
+    artifact = warehouse.model_dir(source.key)
+    row = _current_row(warehouse, source.key)
+    if row is not None and artifact.is_dir():
+        return PreparedModel(key=source.key, artifact=artifact, exported=False, max_abs_diff=row["max_abs_diff"])
+
+    from .export import export_model  # torch and transformers: only when a model is new here
+
+    if artifact.exists() and not (artifact / "model.json").is_file():
+        shutil.rmtree(artifact)  # a leftover of an interrupted export
+    artifact.parent.mkdir(parents=True, exist_ok=True)
+    report = export_model(source, artifact)
+    if row is None:
+        writer.register_model(
+            {
+                "model": source.key,
+                "name": source.name,
+                "source": source.source,
+                "fingerprint": source.fingerprint,
+                "dim": source.dim,
+                "num_layers": source.num_layers,
+                "max_length": source.max_length,
+                "pooling": source.pooling,
+                "precision": source.precision,
+                "max_abs_diff": report.max_abs_diff,
+                "artifact": str(artifact.relative_to(warehouse.root)),
+                "created_at": now_utc(),
+            }
+        )
+        writer.commit("register-model", {"model": source.key, "source": source.source, "max_abs_diff": report.max_abs_diff})
+    return PreparedModel(key=source.key, artifact=artifact, exported=True, max_abs_diff=report.max_abs_diff)
+
+
+def load_encoder(warehouse: Warehouse, key: str, *, threads: int | None = None, version: int | None = None) -> Encoder:
+    """The stored ONNX encoder of a registered model."""
+    for row in registered_models(warehouse, version=version):
+        if row["model"] == key:
+            return Encoder.load(warehouse.root / row["artifact"], threads=threads)
+    raise UnknownModelKeyError(key, [row["model"] for row in registered_models(warehouse, version=version)])

@@ -1,0 +1,119 @@
+"""A one-page PNG about a trained head: learning curves and the row-normalised confusion matrix.
+
+Drawn on matplotlib's Agg canvas directly (no pyplot), so it never touches the caller's
+backend or global figure state.
+
+>>> write_report(Path("heads/section/report.png"), history=result.history,
+...              metrics=metrics, title="section, minilm-3f2a9c, v12")  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.metrics import Metrics
+from pipelines.training import EpochStats
+from warehouse.errors import MissingDependencyError
+
+CURVES_HEIGHT = 3.2  # inches
+CELL = 0.2  # inches per confusion-matrix class: 60 classes give a 12-inch matrix
+LABEL_CHARS = 28  # longer class names are cut with an ellipsis
+ANNOTATE_UP_TO = 15  # write the percentage in each cell up to this many classes
+
+
+def _short(label: str) -> str:
+    return label if len(label) <= LABEL_CHARS else label[: LABEL_CHARS - 1] + "\u2026"
+
+
+def _plot_curves(axes, history: Sequence[EpochStats]) -> None:
+    if not history:
+        axes.text(0.5, 0.5, "no epochs recorded", ha="center", va="center", transform=axes.transAxes)
+        axes.set_axis_off()
+        return
+    epochs = [stats.epoch for stats in history]
+    axes.plot(epochs, [stats.train_loss for stats in history], marker="o", ms=3, label="train loss")
+    axes.plot(epochs, [stats.val_loss for stats in history], marker="o", ms=3, label="val loss")
+    best = min(history, key=lambda stats: stats.val_loss)
+    axes.axvline(best.epoch, color="grey", linestyle=":", linewidth=1, label=f"best epoch ({best.epoch})")
+    axes.set_xlabel("epoch")
+    axes.set_ylabel("cross-entropy")
+    accuracy_axes = axes.twinx()
+    accuracy_axes.plot(
+        epochs, [stats.val_accuracy for stats in history], color="tab:green", marker="s", ms=3, label="val accuracy"
+    )
+    accuracy_axes.set_ylabel("val accuracy")
+    accuracy_axes.set_ylim(0.0, 1.0)
+    lines = axes.get_legend_handles_labels()
+    more = accuracy_axes.get_legend_handles_labels()
+    axes.legend(lines[0] + more[0], lines[1] + more[1], loc="center right", fontsize=8)
+    axes.grid(alpha=0.3)
+    if len(epochs) <= 30:
+        axes.set_xticks(epochs)
+
+
+def _plot_confusion(figure, axes, metrics: Metrics) -> None:
+    confusion = metrics.confusion.astype(np.float64)  # (C, C)
+    support = confusion.sum(axis=1, keepdims=True)  # (C, 1)
+    normalised = np.divide(confusion, support, out=np.zeros_like(confusion), where=support > 0)
+    num_classes = confusion.shape[0]
+    image = axes.imshow(normalised, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
+    labels = [f"{_short(item.label)} ({item.support})" for item in metrics.per_class]
+    fontsize = 9 if num_classes <= 20 else 7 if num_classes <= 40 else 6
+    axes.set_xticks(range(num_classes))
+    axes.set_yticks(range(num_classes))
+    axes.set_xticklabels([_short(item.label) for item in metrics.per_class], rotation=90, fontsize=fontsize)
+    axes.set_yticklabels(labels, fontsize=fontsize)
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true (rows)")
+    axes.set_title("confusion matrix, normalised by row (recall on the diagonal)", fontsize=10)
+    if num_classes <= ANNOTATE_UP_TO:
+        for row in range(num_classes):
+            for col in range(num_classes):
+                value = normalised[row, col]
+                if value > 0:
+                    axes.text(
+                        col, row, f"{value:.0%}", ha="center", va="center", fontsize=7,
+                        color="white" if value > 0.5 else "black",
+                    )
+    figure.colorbar(image, ax=axes, fraction=0.035, pad=0.02)
+
+
+def write_report(path: Path, *, history: Sequence[EpochStats], metrics: Metrics, title: str) -> Path:
+    """Draw the report into ``path`` (PNG) via a temp file and an atomic replace; return ``path``."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise MissingDependencyError("matplotlib", "train", "writing the PNG report") from None
+
+    path = Path(path)
+    num_classes = metrics.confusion.shape[0]
+    matrix_side = max(4.0, CELL * num_classes)
+    longest = max((len(_short(item.label)) for item in metrics.per_class), default=4)
+    label_room = 0.6 + 0.06 * longest  # inches for tick labels at the small font sizes
+    width = max(9.0, matrix_side + label_room + 1.5)
+    height = CURVES_HEIGHT + matrix_side + label_room + 1.2
+    figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    figure.suptitle(
+        f"{title}\naccuracy {metrics.accuracy:.3f} \u00b7 macro-F1 {metrics.macro_f1:.3f} \u00b7 {metrics.rows} rows",
+        fontsize=12,
+    )
+    curves_axes, confusion_axes = figure.subplots(
+        2, 1, gridspec_kw={"height_ratios": [CURVES_HEIGHT, matrix_side + label_room]}
+    )
+    _plot_curves(curves_axes, history)
+    _plot_confusion(figure, confusion_axes, metrics)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        figure.savefig(temporary, format="png")
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,275 @@
+"""The loop that fits a head on batches of (embedding, class index).
+
+The data side is a pair of callables, so the loop knows nothing about the warehouse:
+``train_batches(epoch)`` yields that epoch's shuffled batches, ``val_batches()`` the
+validation split. Loading runs in a background thread (:func:`prefetch`) while torch computes.
+
+>>> result = train_head(train_batches=..., val_batches=..., steps_per_epoch=625,
+...                     input_dim=384, num_classes=12, config=TrainConfig())  # doctest: +SKIP
+>>> result.best_epoch, result.history[-1].val_accuracy                        # doctest: +SKIP
+(7, 0.91)
+"""
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import numpy as np
+
+from pipelines.heads import HeadConfig, build_head, require_torch
+from warehouse.errors import HeadError
+
+if TYPE_CHECKING:
+    import torch
+
+T = TypeVar("T")
+Batches = Iterable[tuple[np.ndarray, np.ndarray]]  # (x: (B, D) float32, y: (B,) int64 class index)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    kind: str = "mlp"  # "mlp" or "linear", see HeadConfig
+    hidden: int = 64  # mlp width
+    dropout: float = 0.1  # mlp only
+    activation: str = "gelu"  # mlp only: "gelu" (tanh approximation) or "relu"
+    epochs: int = 30  # at most; early stopping usually ends sooner
+    batch_size: int = 64  # rows per batch; the data side batches, the loop only records it
+    lr: float = 1e-3  # peak learning rate, decayed linearly to 0 over epochs * steps_per_epoch
+    weight_decay: float = 1e-5  # Adam's L2 penalty
+    seed: int = 0  # weight init and dropout; the data side seeds its own shuffling
+    patience: int = 3  # stop after this many epochs without a lower validation loss; 0 never stops early
+
+
+@dataclass(frozen=True)
+class EpochStats:
+    epoch: int  # 1-based
+    train_loss: float  # mean over the epoch's rows, in train mode (dropout on)
+    val_loss: float  # mean over the validation rows, in eval mode
+    val_accuracy: float
+    seconds: float  # training plus validation
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    module: Any  # torch.nn.Module in eval mode, holding the best epoch's weights
+    config: HeadConfig
+    history: tuple[EpochStats, ...]
+    best_epoch: int  # 1-based; the epoch whose weights `module` holds
+    seconds: float
+
+
+_DONE = object()
+
+
+class _Failure:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def prefetch(batches: Iterable[T], *, depth: int = 4) -> Iterator[T]:
+    """Iterate ``batches`` in a background thread, at most ``depth`` items ahead.
+
+    Order is kept; an exception raised by the producer is re-raised here, in the consumer.
+    If the consumer stops early (break, exception, garbage collection), the producer is told
+    to stop, its iterator is closed, and the thread is joined before this generator returns.
+    """
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1, got {depth}")
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def offer(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                buffer.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce() -> None:
+        iterator = None
+        try:
+            iterator = iter(batches)
+            for item in iterator:
+                if not offer(item):
+                    return
+            offer(_DONE)
+        except BaseException as error:  # handed to the consumer, which re-raises it
+            offer(_Failure(error))
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
+
+    thread = threading.Thread(target=produce, name="ew-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = buffer.get()
+            if item is _DONE:
+                return
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _as_tensors(torch: Any, x: np.ndarray, y: np.ndarray) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """Zero-copy for writable float32 / int64 arrays; anything else is converted once."""
+    x = np.asarray(x, dtype=np.float32)
+    y = np.asarray(y, dtype=np.int64)
+    # torch warns on read-only arrays (Arrow buffers often are); a copy of one batch is cheap.
+    if not x.flags.writeable:
+        x = x.copy()
+    if not y.flags.writeable:
+        y = y.copy()
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def _class_weight_tensor(torch: Any, class_weights: np.ndarray | None, num_classes: int) -> "torch.Tensor | None":
+    if class_weights is None:
+        return None
+    weights = np.asarray(class_weights, dtype=np.float32)
+    if weights.shape != (num_classes,):
+        raise HeadError(f"class_weights must have shape ({num_classes},), got {weights.shape}")
+    if not np.all(np.isfinite(weights)) or np.any(weights < 0) or not np.any(weights > 0):
+        raise HeadError("class_weights must be finite, non-negative and not all zero")
+    return torch.from_numpy(weights.copy())
+
+
+def _evaluate(
+    torch: Any, module: "torch.nn.Module", batches: Batches, weight: "torch.Tensor | None"
+) -> tuple[float, float]:
+    """(mean loss, accuracy) over the validation batches; the loss uses the training class weights."""
+    functional = torch.nn.functional
+    module.eval()
+    loss_sum, weight_sum, correct, rows = 0.0, 0.0, 0, 0
+    with torch.inference_mode():
+        for x_np, y_np in prefetch(batches):
+            x, y = _as_tensors(torch, x_np, y_np)
+            logits = module(x)  # (B, C)
+            loss_sum += functional.cross_entropy(logits, y, weight=weight, reduction="sum").item()
+            weight_sum += float(weight[y].sum()) if weight is not None else len(y)
+            correct += int((logits.argmax(dim=1) == y).sum())
+            rows += len(y)
+    if rows == 0:
+        raise HeadError("validation split is empty: no rows to measure the head on; check the label and split")
+    return loss_sum / max(weight_sum, 1e-12), correct / rows
+
+
+def train_head(
+    *,
+    train_batches: Callable[[int], Batches],
+    val_batches: Callable[[], Batches],
+    steps_per_epoch: int,
+    input_dim: int,
+    num_classes: int,
+    config: TrainConfig,
+    class_weights: np.ndarray | None = None,
+) -> TrainResult:
+    """Fit a head with Adam (AMSGrad) under a linear learning-rate decay; keep the best epoch.
+
+    ``train_batches(epoch)`` is called with epoch = 1, 2, ... and should shuffle per epoch.
+    ``steps_per_epoch`` sizes the schedule; if an epoch yields more batches the rate stays at 0.
+    Same seed and same batches give bit-identical weights. torch's global RNG is left as it was.
+    """
+    torch = require_torch()
+    if steps_per_epoch < 1:
+        raise HeadError("training split is empty: steps_per_epoch is 0; check the label and split")
+    if config.epochs < 1:
+        raise HeadError(f"epochs must be at least 1, got {config.epochs}")
+    head_config = HeadConfig(
+        kind=config.kind,
+        input_dim=input_dim,
+        num_classes=num_classes,
+        hidden=config.hidden,
+        dropout=config.dropout,
+        activation=config.activation,
+    )
+    weight = _class_weight_tensor(torch, class_weights, num_classes)
+    total_steps = config.epochs * steps_per_epoch
+    started = time.perf_counter()
+    history: list[EpochStats] = []
+    best_loss, best_epoch, best_state = math.inf, 0, None
+
+    with torch.random.fork_rng(devices=[]):  # seed locally: the caller's RNG state is untouched
+        torch.manual_seed(config.seed)
+        module = build_head(head_config)
+        optimizer = torch.optim.Adam(
+            module.parameters(), lr=config.lr, weight_decay=config.weight_decay, amsgrad=True
+        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: max(0.0, 1.0 - step / total_steps)
+        )
+        functional = torch.nn.functional
+        for epoch in range(1, config.epochs + 1):
+            epoch_started = time.perf_counter()
+            module.train()
+            loss_sum = torch.zeros(())
+            rows = 0
+            for x_np, y_np in prefetch(train_batches(epoch)):
+                x, y = _as_tensors(torch, x_np, y_np)
+                logits = module(x)  # (B, C)
+                loss = functional.cross_entropy(logits, y, weight=weight)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                loss_sum += loss.detach() * len(y)  # no .item() per step: keeps the step cheap
+                rows += len(y)
+            if rows == 0:
+                raise HeadError(f"training split is empty: epoch {epoch} yielded no rows; check the label and split")
+            train_loss = float(loss_sum) / rows
+            if not math.isfinite(train_loss):
+                raise HeadError(f"training diverged at epoch {epoch} (loss {train_loss}); lower the learning rate")
+            val_loss, val_accuracy = _evaluate(torch, module, val_batches(), weight)
+            if not math.isfinite(val_loss):
+                raise HeadError(f"training diverged at epoch {epoch} (validation loss {val_loss}); lower the learning rate")
+            history.append(
+                EpochStats(
+                    epoch=epoch,
+                    train_loss=train_loss,
+                    val_loss=val_loss,
+                    val_accuracy=val_accuracy,
+                    seconds=time.perf_counter() - epoch_started,
+                )
+            )
+            if val_loss < best_loss:
+                best_loss, best_epoch = val_loss, epoch
+                best_state = {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
+            elif config.patience > 0 and epoch - best_epoch >= config.patience:
+                break
+
+    module.load_state_dict(best_state)
+    module.eval()
+    return TrainResult(
+        module=module,
+        config=head_config,
+        history=tuple(history),
+        best_epoch=best_epoch,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def predict_batches(module: "torch.nn.Module", batches: Batches) -> tuple[np.ndarray, np.ndarray]:
+    """(y_true, y_pred), both (N,) int64, streaming over ``batches``; leaves ``module`` in eval mode."""
+    torch = require_torch()
+    module.eval()
+    true_parts: list[np.ndarray] = []
+    pred_parts: list[np.ndarray] = []
+    with torch.inference_mode():
+        for x_np, y_np in prefetch(batches):
+            x, y = _as_tensors(torch, x_np, y_np)
+            true_parts.append(y.numpy())
+            pred_parts.append(module(x).argmax(dim=1).numpy())  # (B,)
+    if not true_parts:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    return np.concatenate(true_parts), np.concatenate(pred_parts)

@@ -1,0 +1,142 @@
+"""Heads: build, save, load, apply with NumPy only."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.heads import HeadConfig, build_head, load_head, save_head
+from warehouse.errors import HeadError, MissingDependencyError
+
+CLASSES = ["intro", "methods", "results"]
+
+
+def saved_head(tmp_path: Path, *, kind: str = "mlp", activation: str = "gelu"):
+    config = HeadConfig(kind=kind, input_dim=16, num_classes=3, hidden=8, activation=activation)
+    torch.manual_seed(0)
+    module = build_head(config).eval()
+    directory = save_head(tmp_path / "section", module, config=config, card={"classes": CLASSES, "seed": 0})
+    return directory, module, config
+
+
+def test_round_trip_keeps_card_config_and_weights(tmp_path):
+    directory, module, config = saved_head(tmp_path)
+    head = load_head(directory)
+    assert head.config == config
+    assert head.classes == CLASSES
+    assert head.card["seed"] == 0 and head.card["format"] == 1
+    assert head.card["parameters"] == 16 * 8 + 8 + 8 * 3 + 3
+    for name, tensor in module.state_dict().items():
+        np.testing.assert_array_equal(head.weights[name], tensor.numpy())
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["section"]  # no temp dir left
+
+
+@pytest.mark.parametrize("kind, activation", [("mlp", "gelu"), ("mlp", "relu"), ("linear", "gelu")])
+def test_numpy_predict_proba_matches_torch(tmp_path, kind, activation):
+    directory, module, _ = saved_head(tmp_path, kind=kind, activation=activation)
+    x = np.random.default_rng(1).normal(size=(50, 16)).astype(np.float32) * 3
+    with torch.no_grad():
+        expected = torch.softmax(module(torch.from_numpy(x)), dim=1).numpy()
+    probabilities = load_head(directory).predict_proba(x)
+    assert probabilities.dtype == np.float32 and probabilities.shape == (50, 3)
+    np.testing.assert_allclose(probabilities, expected, atol=1e-5)
+    np.testing.assert_array_equal(load_head(directory).predict(x), expected.argmax(1))
+
+
+def test_loading_and_predicting_need_no_torch(tmp_path):
+    directory, _, _ = saved_head(tmp_path)
+    script = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import numpy as np\n"
+        "from pipelines.heads import load_head\n"
+        f"p = load_head({str(directory)!r}).predict_proba(np.zeros((2, 16), np.float32))\n"
+        "assert p.shape == (2, 3)\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=Path(__file__).parents[1])
+
+
+def test_build_head_without_torch_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)
+    with pytest.raises(MissingDependencyError, match=r"ew\[train\]"):
+        build_head(HeadConfig(kind="linear", input_dim=4, num_classes=2))
+
+
+def test_refuses_to_overwrite(tmp_path):
+    directory, module, config = saved_head(tmp_path)
+    before = (directory / "head.safetensors").read_bytes()
+    with pytest.raises(HeadError, match="pick another --name"):
+        save_head(directory, module, config=config, card={"classes": CLASSES})
+    assert (directory / "head.safetensors").read_bytes() == before
+
+
+def test_files_are_safetensors_and_json_not_pickle(tmp_path):
+    from safetensors.numpy import load_file
+
+    directory, _, _ = saved_head(tmp_path)
+    assert sorted(path.name for path in directory.iterdir()) == ["head.json", "head.safetensors"]
+    assert set(load_file(str(directory / "head.safetensors"))) == {"hidden.weight", "hidden.bias", "out.weight", "out.bias"}
+    json.loads((directory / "head.json").read_text())
+    for path in directory.iterdir():
+        assert not path.read_bytes().startswith(b"\x80")  # pickle protocol 2+ opcode
+    source = (Path(__file__).parents[1] / "pipelines" / "heads.py").read_text()
+    assert "torch.load" not in source and "import pickle" not in source
+
+
+def test_linear_head_is_logistic_regression():
+    config = HeadConfig(kind="linear", input_dim=384, num_classes=60)
+    module = build_head(config)
+    assert sum(p.numel() for p in module.parameters()) == config.parameters == 384 * 60 + 60
+
+
+def test_missing_or_corrupt_files_raise_head_error_with_the_path(tmp_path):
+    with pytest.raises(HeadError, match="no head at"):
+        load_head(tmp_path / "nope")
+
+    directory, _, _ = saved_head(tmp_path)
+    weights = directory / "head.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])
+    with pytest.raises(HeadError, match=str(weights)):
+        load_head(directory)
+    (directory / "head.json").write_text("{not json")
+    with pytest.raises(HeadError, match="head.json is corrupt"):
+        load_head(directory)
+    weights.unlink()
+    with pytest.raises(HeadError, match="head.safetensors is missing"):
+        load_head(directory)
+
+
+def test_corrupt_weights_without_digest_still_raise(tmp_path):
+    directory, _, _ = saved_head(tmp_path)
+    card_path = directory / "head.json"
+    card = json.loads(card_path.read_text())
+    del card["weights_sha256"]
+    card_path.write_text(json.dumps(card))
+    (directory / "head.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(HeadError, match="corrupt"):
+        load_head(directory)
+
+
+def test_shape_mismatch_raises(tmp_path):
+    directory, _, _ = saved_head(tmp_path)
+    card_path = directory / "head.json"
+    card = json.loads(card_path.read_text())
+    card["config"]["input_dim"] = 32
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(HeadError, match=r"hidden.weight has shape \(8, 16\)"):
+        load_head(directory)
+    card["config"]["input_dim"] = 16
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(HeadError, match=r"shape \(N, 16\), got \(2, 384\)"):
+        load_head(directory).predict_proba(np.zeros((2, 384), np.float32))
+
+
+def test_bad_config_is_a_head_error():
+    with pytest.raises(HeadError, match="unknown head kind"):
+        HeadConfig(kind="transformer", input_dim=4, num_classes=2)
+    with pytest.raises(HeadError, match="at least 2 classes"):
+        HeadConfig(kind="mlp", input_dim=4, num_classes=1)

@@ -1,0 +1,156 @@
+"""The training loop on gaussian blobs: 16 dims, 3 classes."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.training import TrainConfig, predict_batches, prefetch, train_head
+from warehouse.errors import HeadError
+
+DIM, CLASSES = 16, 3
+
+
+def blobs(rows: int, *, seed: int, spread: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Three well-separated gaussian clusters; the centres are the same for every seed."""
+    centres = np.random.default_rng(42).normal(scale=4.0, size=(CLASSES, DIM))
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, CLASSES, size=rows)
+    x = centres[y] + rng.normal(scale=spread, size=(rows, DIM))
+    return x.astype(np.float32), y.astype(np.int64)
+
+
+def batched(x: np.ndarray, y: np.ndarray, *, size: int = 32, seed: int | None = None):
+    order = np.arange(len(y)) if seed is None else np.random.default_rng(seed).permutation(len(y))
+    for start in range(0, len(y), size):
+        index = order[start : start + size]
+        yield x[index], y[index]
+
+
+def fit(train, val, **options):
+    config = TrainConfig(**{"epochs": 8, "hidden": 16, "lr": 1e-2, **options})
+    return train_head(
+        train_batches=lambda epoch: batched(*train, seed=epoch),
+        val_batches=lambda: batched(*val),
+        steps_per_epoch=-(-len(train[1]) // 32),
+        input_dim=DIM,
+        num_classes=CLASSES,
+        config=config,
+    )
+
+
+def test_learns_separable_blobs():
+    train, val = blobs(600, seed=1), blobs(200, seed=2)
+    result = fit(train, val)
+    assert result.history[result.best_epoch - 1].val_accuracy > 0.95
+    y_true, y_pred = predict_batches(result.module, batched(*val))
+    np.testing.assert_array_equal(y_true, val[1])
+    assert (y_true == y_pred).mean() > 0.95
+    assert not result.module.training
+
+
+@pytest.mark.parametrize("kind", ["mlp", "linear"])
+def test_same_seed_gives_identical_weights(kind):
+    train, val = blobs(300, seed=1), blobs(100, seed=2)
+    first = fit(train, val, kind=kind, epochs=3, patience=0).module.state_dict()
+    second = fit(train, val, kind=kind, epochs=3, patience=0).module.state_dict()
+    other = fit(train, val, kind=kind, epochs=3, patience=0, seed=1).module.state_dict()
+    for name in first:
+        assert torch.equal(first[name], second[name])
+    assert not all(torch.equal(first[name], other[name]) for name in first)
+
+
+def test_does_not_disturb_the_callers_rng():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    fit(blobs(64, seed=1), blobs(32, seed=2), epochs=1)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_early_stopping_keeps_the_best_epoch():
+    # Validation labels are the training labels shifted by one class, so the better the
+    # head fits the training data, the worse the validation loss: epoch 1 is the best.
+    train = blobs(300, seed=1)
+    x_val, y_val = blobs(100, seed=2)
+    val = (x_val, (y_val + 1) % CLASSES)
+    result = fit(train, val, epochs=30, patience=2)
+    assert result.best_epoch == 1
+    assert len(result.history) == 3
+    assert result.history[2].val_loss > result.history[0].val_loss
+    # the module holds epoch 1's weights, not the last epoch's
+    with torch.no_grad():
+        logits = result.module(torch.from_numpy(val[0]))
+        loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(val[1])).item()
+    assert loss == pytest.approx(result.history[0].val_loss, rel=1e-5)
+
+
+def test_empty_validation_split_is_a_head_error():
+    with pytest.raises(HeadError, match="validation split is empty"):
+        train_head(
+            train_batches=lambda epoch: batched(*blobs(64, seed=1)),
+            val_batches=lambda: iter(()),
+            steps_per_epoch=2,
+            input_dim=DIM,
+            num_classes=CLASSES,
+            config=TrainConfig(epochs=2),
+        )
+
+
+def test_class_weights_must_match_the_classes():
+    with pytest.raises(HeadError, match=r"class_weights must have shape \(3,\)"):
+        train_head(
+            train_batches=lambda epoch: batched(*blobs(64, seed=1)),
+            val_batches=lambda: batched(*blobs(32, seed=2)),
+            steps_per_epoch=2,
+            input_dim=DIM,
+            num_classes=CLASSES,
+            config=TrainConfig(epochs=1),
+            class_weights=np.ones(4),
+        )
+
+
+def test_read_only_arrays_are_accepted_without_warnings(recwarn):
+    x, y = blobs(64, seed=1)
+    x.flags.writeable = False
+    y.flags.writeable = False
+    result = fit((x, y), blobs(32, seed=2), epochs=1)
+    assert result.history
+    assert not [w for w in recwarn if "not writable" in str(w.message)]
+
+
+def test_prefetch_preserves_order():
+    assert list(prefetch(iter(range(100)), depth=3)) == list(range(100))
+
+
+def test_prefetch_propagates_producer_errors():
+    def producer():
+        yield 1
+        yield 2
+        raise HeadError("the query failed")
+
+    consumed = []
+    with pytest.raises(HeadError, match="the query failed"):
+        for item in prefetch(producer()):
+            consumed.append(item)
+    assert consumed == [1, 2]
+
+
+def test_prefetch_stops_the_producer_when_the_consumer_stops_early():
+    closed = threading.Event()
+
+    def producer():
+        try:
+            for item in range(1_000_000):
+                yield item
+        finally:
+            closed.set()
+
+    before = threading.active_count()
+    iterator = prefetch(producer(), depth=2)
+    assert next(iterator) == 0
+    iterator.close()
+    assert closed.is_set()  # the producer's iterator was closed, and its thread joined
+    assert threading.active_count() == before

@@ -1,0 +1,44 @@
+"""ew's storage layer: versioned Delta tables keyed by document hash and model/layer."""
+from .errors import (
+    EwError,
+    ExportError,
+    HeadError,
+    InputError,
+    MissingDependencyError,
+    ModelNotFoundError,
+    QueryError,
+    QueryRefusedError,
+    UnknownModelKeyError,
+    VersionNotFoundError,
+    WarehouseLockedError,
+    WarehouseNotFoundError,
+)
+from .keys import doc_hash, fingerprint, model_key
+from .query import QueryResult, check_sql, run_query
+from .store import Warehouse, Writer
+from .versions import LogEntry, Snapshot
+
+__all__ = [
+    "EwError",
+    "ExportError",
+    "HeadError",
+    "InputError",
+    "LogEntry",
+    "MissingDependencyError",
+    "ModelNotFoundError",
+    "QueryError",
+    "QueryRefusedError",
+    "QueryResult",
+    "Snapshot",
+    "UnknownModelKeyError",
+    "VersionNotFoundError",
+    "Warehouse",
+    "WarehouseLockedError",
+    "WarehouseNotFoundError",
+    "Writer",
+    "check_sql",
+    "doc_hash",
+    "fingerprint",
+    "model_key",
+    "run_query",
+]

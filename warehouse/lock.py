@@ -1,0 +1,43 @@
+"""One writer at a time: an advisory file lock that the kernel drops when the process dies.
+
+Readers never take it; they read a pinned snapshot. A writer that is killed (even with
+kill -9) releases the lock with its process, so the next writer never waits on a stale file.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import WarehouseLockedError
+
+LOCK_NAME = ".ew-write.lock"
+
+
+@contextmanager
+def write_lock(root: Path) -> Iterator[None]:
+    """Hold the warehouse's write lock for the duration of the block, or raise WarehouseLockedError."""
+    path = root / LOCK_NAME
+    handle = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown process"
+            raise WarehouseLockedError(root, holder) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            handle.seek(0)
+            handle.truncate()
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    finally:
+        handle.close()

@@ -1,0 +1,122 @@
+"""Sandboxed DuckDB over a pinned warehouse version.
+
+The tables appear as views named after them, read through pyarrow datasets of one Delta
+version each, so DuckDB streams them (projection and partition filters pushed down) and
+never sees a half-written commit. The connection can read nothing else: one SELECT
+statement, no file system, no extensions, no network, configuration locked.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import duckdb
+import pyarrow as pa
+
+from .errors import QueryError, QueryRefusedError
+from .tables import TABLES
+from .versions import Snapshot
+
+if TYPE_CHECKING:
+    from .store import Warehouse
+
+DEFAULT_MEMORY_LIMIT = "1GB"
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    version: int
+    reader: pa.RecordBatchReader
+
+
+def check_sql(sql: str) -> str:
+    """Return the one SELECT statement in ``sql``, or raise QueryRefusedError saying why not."""
+    if not sql or not sql.strip():
+        raise QueryRefusedError("the query is empty")
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as error:
+        raise QueryError(f"the SQL does not parse: {str(error).splitlines()[0]}") from None
+    if len(statements) != 1:
+        raise QueryRefusedError(f"found {len(statements)} statements, expected exactly one")
+    kind = statements[0].type
+    if kind != duckdb.StatementType.SELECT:
+        name = getattr(kind, "name", str(kind))
+        raise QueryRefusedError(f"{name} statements are not allowed")
+    return sql
+
+
+def usable_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def connect(
+    warehouse: "Warehouse",
+    snapshot: Snapshot,
+    *,
+    memory_limit: str = DEFAULT_MEMORY_LIMIT,
+    threads: int | None = None,
+) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB with one view per table at ``snapshot``, then locked down."""
+    con = duckdb.connect(
+        ":memory:",
+        config={
+            "memory_limit": memory_limit,
+            "threads": threads or usable_cores(),
+            "temp_directory": os.path.join(tempfile.gettempdir(), "ew-duckdb"),
+            "autoinstall_known_extensions": False,
+            "autoload_known_extensions": False,
+            "allow_community_extensions": False,
+            "python_enable_replacements": False,
+        },
+    )
+    for table in TABLES:
+        con.register(table, warehouse.dataset(table, snapshot))
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+    return con
+
+
+def run_query(
+    warehouse: "Warehouse",
+    sql: str,
+    *,
+    version: int | None = None,
+    batch_rows: int = 8192,
+    memory_limit: str = DEFAULT_MEMORY_LIMIT,
+) -> QueryResult:
+    """Check ``sql``, pin ``version`` (default latest) and return a streaming reader of the result."""
+    check_sql(sql)
+    snapshot = warehouse.snapshot(version)
+    con = connect(warehouse, snapshot, memory_limit=memory_limit)
+    try:
+        reader = con.sql(sql).to_arrow_reader(batch_rows)
+    except duckdb.PermissionException as error:
+        raise QueryRefusedError(_first_line(error)) from None
+    except duckdb.Error as error:
+        raise QueryError(f"the query failed: {_first_line(error)}") from None
+    return QueryResult(version=snapshot.version, reader=_keep_alive(reader, con))
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0]
+
+
+def _keep_alive(reader: pa.RecordBatchReader, con: duckdb.DuckDBPyConnection) -> pa.RecordBatchReader:
+    """Tie the connection's lifetime to the reader's, and turn DuckDB errors mid-stream into QueryError."""
+
+    def batches():
+        try:
+            for batch in reader:
+                yield batch
+        except duckdb.Error as error:
+            raise QueryError(f"the query failed: {_first_line(error)}") from None
+        finally:
+            con.close()
+
+    return pa.RecordBatchReader.from_batches(reader.schema, batches())

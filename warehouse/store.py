@@ -1,0 +1,224 @@
+"""The warehouse: a directory of Delta tables plus the artifacts (models, heads) they refer to.
+
+    wh = Warehouse.open("ew-warehouse")
+    wh.query("select model, count(*) from embeddings group by all").read_all()
+    with wh.writer() as w:          # one writer at a time
+        w.append_embeddings(rows)   # a Delta commit to one table
+        w.commit("ingest", detail)  # the warehouse version that makes it visible
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+from deltalake import DeltaTable, write_deltalake
+
+from .errors import EwError, WarehouseNotFoundError
+from .lock import write_lock
+from .tables import (
+    DOCUMENTS,
+    EMBEDDINGS,
+    HEADS,
+    LOG,
+    LOG_SCHEMA,
+    MODELS,
+    PARTITIONS,
+    SCHEMAS,
+    TABLES,
+)
+from .versions import LogEntry, Snapshot, latest_version, read_log, resolve_snapshot
+
+DEFAULT_PATH = "ew-warehouse"
+ENV_VAR = "EW_WAREHOUSE"
+MARKER = "ew-warehouse.json"
+FORMAT = 1
+
+
+def default_path() -> Path:
+    return Path(os.environ.get(ENV_VAR) or DEFAULT_PATH)
+
+
+def now_utc() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Warehouse:
+    """A warehouse directory. Open it with :meth:`open`; every read pins one version."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    # -- opening -------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | Path | None = None, *, create: bool = False) -> "Warehouse":
+        """Open the warehouse at ``path`` (default: $EW_WAREHOUSE or ./ew-warehouse).
+
+        With ``create=True`` a missing warehouse is created; otherwise it is an error.
+        """
+        root = Path(path) if path is not None else default_path()
+        marker = root / MARKER
+        if marker.is_file():
+            return cls(root.resolve())
+        if not create:
+            raise WarehouseNotFoundError(root)
+        if root.exists() and any(root.iterdir()):
+            raise EwError(
+                f"{root} exists and is not an ew warehouse (no {MARKER}); "
+                "choose an empty or new directory for --warehouse"
+            )
+        root.mkdir(parents=True, exist_ok=True)
+        temporary = root / f".{MARKER}.tmp"
+        temporary.write_text(json.dumps({"format": FORMAT, "created_at": now_utc().isoformat()}) + "\n")
+        os.replace(temporary, marker)
+        return cls(root.resolve())
+
+    # -- paths ---------------------------------------------------------------------
+    def table_path(self, table: str) -> Path:
+        return self.root / table
+
+    def model_dir(self, model_key: str) -> Path:
+        return self.root / "artifacts" / "models" / model_key
+
+    def head_dir(self, name: str) -> Path:
+        return self.root / "artifacts" / "heads" / name
+
+    # -- reading -------------------------------------------------------------------
+    def latest_version(self) -> int | None:
+        return latest_version(self.root)
+
+    def snapshot(self, version: int | None = None) -> Snapshot:
+        return resolve_snapshot(self.root, version)
+
+    def log(self) -> list[LogEntry]:
+        """Every version, oldest first."""
+        return read_log(self.root)
+
+    def delta_table(self, table: str, snapshot: Snapshot) -> DeltaTable | None:
+        table_version = snapshot.table_versions.get(table, -1)
+        if table_version < 0:
+            return None
+        return DeltaTable(str(self.table_path(table)), version=table_version)
+
+    def dataset(self, table: str, snapshot: Snapshot) -> pads.Dataset:
+        """A pyarrow dataset of ``table`` as ``snapshot`` pins it (an empty one before the table exists)."""
+        delta = self.delta_table(table, snapshot)
+        if delta is None:
+            return pads.dataset(SCHEMAS[table].empty_table())
+        return delta.to_pyarrow_dataset()
+
+    def current_dataset(self, table: str) -> pads.Dataset:
+        """The table's newest Delta version, including writes no warehouse version points at yet.
+
+        Only writers use this, under the write lock, to never store a row twice.
+        """
+        path = str(self.table_path(table))
+        if not DeltaTable.is_deltatable(path):
+            return pads.dataset(SCHEMAS[table].empty_table())
+        return DeltaTable(path).to_pyarrow_dataset()
+
+    def query(self, sql: str, *, version: int | None = None, batch_rows: int = 8192) -> "pa.RecordBatchReader":
+        """Run one sandboxed, read-only SELECT pinned to ``version``; returns a streaming reader."""
+        from .query import run_query
+
+        return run_query(self, sql, version=version, batch_rows=batch_rows).reader
+
+    # -- writing -------------------------------------------------------------------
+    @contextmanager
+    def writer(self) -> Iterator["Writer"]:
+        """Take the write lock; the block's table writes become visible at ``Writer.commit``."""
+        with write_lock(self.root):
+            yield Writer(self)
+
+
+@dataclass
+class Writer:
+    """Writes Delta commits under the warehouse's write lock.
+
+    Each method is one atomic Delta commit to one table; :meth:`commit` then appends the log
+    row that pins every table's version. Until then readers of the warehouse do not see them.
+    """
+
+    warehouse: Warehouse
+    rows_added: int = 0
+    pending: list[str] = field(default_factory=list)
+
+    def _write(self, table: str, data: pa.Table) -> None:
+        write_deltalake(
+            str(self.warehouse.table_path(table)),
+            data,
+            mode="append",
+            partition_by=PARTITIONS[table] or None,
+            schema_mode="merge",
+        )
+        self.rows_added += data.num_rows
+        self.pending.append(table)
+
+    def append_embeddings(self, rows: pa.Table) -> int:
+        """Append embedding rows (caller guarantees none is stored yet, under this lock)."""
+        if rows.num_rows:
+            self._write(EMBEDDINGS, rows.cast(SCHEMAS[EMBEDDINGS]))
+        return rows.num_rows
+
+    def upsert_documents(self, rows: pa.Table) -> int:
+        """Insert new (corpus, id) rows and replace changed ones; every column of the table is written."""
+        if not rows.num_rows:
+            return 0
+        path = str(self.warehouse.table_path(DOCUMENTS))
+        if not DeltaTable.is_deltatable(path):
+            self._write(DOCUMENTS, rows)
+            return rows.num_rows
+        target = DeltaTable(path)
+        existing = target.schema().to_arrow()
+        existing = pa.schema(existing) if not isinstance(existing, pa.Schema) else existing
+        # A changed record replaces the whole row: columns it lacks become null.
+        for name in existing.names:
+            if name not in rows.column_names:
+                rows = rows.append_column(existing.field(name).name, pa.nulls(rows.num_rows, existing.field(name).type))
+        (
+            target.merge(
+                rows,
+                predicate="t.corpus = s.corpus AND t.id = s.id",
+                source_alias="s",
+                target_alias="t",
+                merge_schema=True,
+            )
+            .when_matched_update_all()
+            .when_not_matched_insert_all()
+            .execute()
+        )
+        self.rows_added += rows.num_rows
+        self.pending.append(DOCUMENTS)
+        return rows.num_rows
+
+    def register_model(self, row: dict) -> None:
+        self._write(MODELS, pa.Table.from_pylist([row], schema=SCHEMAS[MODELS]))
+
+    def add_head(self, row: dict) -> None:
+        self._write(HEADS, pa.Table.from_pylist([row], schema=SCHEMAS[HEADS]))
+
+    def commit(self, operation: str, detail: dict | None = None) -> int:
+        """Append the log row that makes every write so far visible; returns the new version."""
+        root = self.warehouse.root
+        previous = latest_version(root)
+        version = 0 if previous is None else previous + 1
+        row = {
+            "version": version,
+            "committed_at": now_utc(),
+            "operation": operation,
+            "rows_added": self.rows_added,
+            "detail": json.dumps(detail or {}, sort_keys=True, default=str),
+        }
+        for name in TABLES:
+            path = str(self.warehouse.table_path(name))
+            row[f"{name}_version"] = DeltaTable(path).version() if DeltaTable.is_deltatable(path) else -1
+        write_deltalake(str(root / LOG), pa.Table.from_pylist([row], schema=LOG_SCHEMA), mode="append")
+        self.rows_added = 0
+        self.pending.clear()
+        return version

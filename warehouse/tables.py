@@ -1,0 +1,113 @@
+"""The warehouse's tables: names, Arrow schemas and partitioning.
+
+Table names are part of the user contract: they are folder names on disk, view names in
+`ew query`, and what Polars, DuckDB or Spark open without ew.
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+
+DOCUMENTS = "documents"
+EMBEDDINGS = "embeddings"
+MODELS = "models"
+HEADS = "heads"
+LOG = "log"
+
+#: Tables a snapshot pins; ``log`` records their versions.
+TABLES: tuple[str, ...] = (DOCUMENTS, EMBEDDINGS, MODELS, HEADS)
+
+TIMESTAMP = pa.timestamp("us", tz="UTC")
+
+#: Columns of ``documents`` that ew owns; every other field of an input record becomes a column too.
+DOCUMENTS_SCHEMA = pa.schema(
+    [
+        pa.field("corpus", pa.string()),
+        pa.field("id", pa.string()),
+        pa.field("doc_hash", pa.string()),
+        pa.field("text", pa.string()),
+        # Fingerprint of the whole input record: an unchanged record is never rewritten.
+        pa.field("record_hash", pa.string()),
+        pa.field("ingested_at", TIMESTAMP),
+    ]
+)
+RESERVED_DOCUMENT_COLUMNS = frozenset(DOCUMENTS_SCHEMA.names)
+
+EMBEDDINGS_SCHEMA = pa.schema(
+    [
+        pa.field("doc_hash", pa.string()),
+        pa.field("model", pa.string()),
+        pa.field("layer", pa.int32()),
+        pa.field("pooling", pa.string()),
+        # A variable-size list so that models of different widths share the table.
+        pa.field("embedding", pa.list_(pa.float32())),
+    ]
+)
+
+MODELS_SCHEMA = pa.schema(
+    [
+        pa.field("model", pa.string()),
+        pa.field("name", pa.string()),
+        pa.field("source", pa.string()),
+        pa.field("fingerprint", pa.string()),
+        pa.field("dim", pa.int32()),
+        pa.field("num_layers", pa.int32()),
+        pa.field("max_length", pa.int32()),
+        pa.field("pooling", pa.string()),
+        pa.field("precision", pa.string()),
+        pa.field("max_abs_diff", pa.float64()),
+        pa.field("artifact", pa.string()),
+        pa.field("created_at", TIMESTAMP),
+    ]
+)
+
+HEADS_SCHEMA = pa.schema(
+    [
+        pa.field("head", pa.string()),
+        pa.field("model", pa.string()),
+        pa.field("layer", pa.int32()),
+        pa.field("pooling", pa.string()),
+        pa.field("label", pa.string()),
+        pa.field("kind", pa.string()),
+        pa.field("classes", pa.list_(pa.string())),
+        pa.field("accuracy", pa.float64()),
+        pa.field("macro_f1", pa.float64()),
+        pa.field("train_rows", pa.int64()),
+        pa.field("val_rows", pa.int64()),
+        pa.field("test_rows", pa.int64()),
+        pa.field("trained_on_version", pa.int64()),
+        pa.field("artifact", pa.string()),
+        pa.field("card", pa.string()),
+        pa.field("created_at", TIMESTAMP),
+    ]
+)
+
+LOG_SCHEMA = pa.schema(
+    [
+        pa.field("version", pa.int64()),
+        pa.field("committed_at", TIMESTAMP),
+        pa.field("operation", pa.string()),
+        pa.field("rows_added", pa.int64()),
+        pa.field("detail", pa.string()),
+        # The Delta version of each table this warehouse version pins; -1: not created yet.
+        pa.field("documents_version", pa.int64()),
+        pa.field("embeddings_version", pa.int64()),
+        pa.field("models_version", pa.int64()),
+        pa.field("heads_version", pa.int64()),
+    ]
+)
+
+SCHEMAS: dict[str, pa.Schema] = {
+    DOCUMENTS: DOCUMENTS_SCHEMA,
+    EMBEDDINGS: EMBEDDINGS_SCHEMA,
+    MODELS: MODELS_SCHEMA,
+    HEADS: HEADS_SCHEMA,
+    LOG: LOG_SCHEMA,
+}
+
+PARTITIONS: dict[str, list[str]] = {
+    DOCUMENTS: ["corpus"],
+    EMBEDDINGS: ["model", "layer"],
+    MODELS: [],
+    HEADS: [],
+    LOG: [],
+}
