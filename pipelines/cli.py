@@ -1,0 +1,175 @@
+"""The `ew` command line: each command parses, calls one library function and prints."""
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from warehouse import EwError, Warehouse
+from warehouse.formats import FORMATS, format_for, write_result
+from warehouse.query import run_query
+from warehouse.store import DEFAULT_PATH, ENV_VAR
+
+
+class _Group(click.Group):
+    """The one error boundary: EwError -> `Error: ...` on stderr, exit 1; --debug shows the traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except EwError as error:
+            if ctx.params.get("debug"):
+                traceback.print_exc()
+            click.echo(f"Error: {error}", err=True)
+            ctx.exit(1)
+        except KeyboardInterrupt:
+            click.echo(
+                "Interrupted: every version committed before the interrupt is kept; run the same command again to continue.",
+                err=True,
+            )
+            ctx.exit(130)
+
+
+def _warehouse(ctx: click.Context, *, create: bool = False) -> Warehouse:
+    return Warehouse.open(ctx.obj["warehouse"], create=create)
+
+
+@click.group(cls=_Group)
+@click.option(
+    "-w", "--warehouse", type=click.Path(file_okay=False, path_type=Path), envvar=ENV_VAR, default=DEFAULT_PATH,
+    show_default=True, help=f"The warehouse directory (or set ${ENV_VAR}).",
+)
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
+@click.version_option(package_name="ew")
+@click.pass_context
+def cli(ctx: click.Context, warehouse: Path, debug: bool) -> None:
+    """ew, the embedding warehouse: run the encoder once per document, keep every layer's
+    vectors in Delta Lake tables, and train tiny heads on them in seconds.
+
+    Example: ew ingest corpus.jsonl --model minilm && ew query "select count(*) from embeddings"
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["warehouse"] = warehouse
+    ctx.obj["debug"] = debug
+
+
+@cli.command()
+@click.argument("corpus_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--model", "-m", default="minilm", show_default=True, help="Alias (see `ew models --available`), Hugging Face id, local directory, or registered model key.")
+@click.option("--corpus", help="Corpus name in `documents` (default: the file name without extensions).")
+@click.option("--text-field", default="text", show_default=True, help="JSON field holding the text.")
+@click.option("--id-field", default="id", show_default=True, help="JSON field holding the record id; missing ids are derived from the line.")
+@click.option("--layers", default="all", show_default=True, help="Layers to store: all, last, or a list like 0,3,6.")
+@click.option("--pooling", type=click.Choice(["mean", "cls"]), default="mean", show_default=True)
+@click.option("--max-length", type=click.IntRange(min=1), help="Token limit; longer texts are truncated and counted. Default: the model's.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--chunk-size", type=click.IntRange(min=1), default=4096, show_default=True, help="Records per commit.")
+@click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True, help="On a bad line: stop, or skip it and write it to a rejects file.")
+@click.option("--rejects", "rejects_file", type=click.Path(dir_okay=False, path_type=Path), help="Where --on-error skip writes bad lines (default: WAREHOUSE/rejects/CORPUS-TIME.jsonl).")
+@click.option("--threads", type=click.IntRange(min=1), help="Inference threads (default: all usable cores).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@click.pass_context
+def ingest(ctx: click.Context, corpus_file: Path, as_json: bool, **options) -> None:
+    """Embed every document of a JSONL (or .jsonl.gz) corpus that is not stored yet.
+
+    Example: ew ingest examples/debian_sample.jsonl --model minilm
+    """
+    from .ingest import ingest as run_ingest
+
+    result = run_ingest(_warehouse(ctx, create=True), corpus_file, **options)
+    if as_json:
+        click.echo(json.dumps(result.to_dict()))
+        return
+    click.echo(
+        f"{result.corpus}: read {result.read:,}, new documents {result.new_documents:,}, updated {result.updated_documents:,}; "
+        f"embedded {result.embedded:,}, reused {result.reused:,}, duplicates {result.duplicates:,}, "
+        f"rejected {result.rejected:,}, truncated {result.truncated:,} in {result.seconds:.1f}s"
+    )
+    click.echo(f"model {result.model}, layers {','.join(map(str, result.layers))}; warehouse version {result.version}")
+    if result.rejects_file:
+        click.echo(f"rejected lines written to {result.rejects_file}")
+
+
+@cli.command()
+@click.argument("sql")
+@click.option("--version", "version", type=click.IntRange(min=0), help="Read this warehouse version (see `ew log`).")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), help="Output format (default: table, or from --output's extension).")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), help="Write to this file instead of stdout.")
+@click.pass_context
+def query(ctx: click.Context, sql: str, version: int | None, fmt: str | None, output: Path | None) -> None:
+    """Run one read-only SQL SELECT (DuckDB) over the tables documents, embeddings, models, heads.
+
+    Example: ew query "select model, layer, count(*) from embeddings group by all order by all"
+    """
+    chosen = format_for(output, fmt)
+    if chosen == "parquet" and output is None:
+        raise EwError("--format parquet needs --output FILE")
+    result = run_query(_warehouse(ctx), sql, version=version)
+    rows = write_result(result.reader, fmt=chosen, output=output, stdout=sys.stdout)
+    if output is not None:
+        click.echo(f"wrote {rows:,} rows to {output} (warehouse version {result.version})", err=True)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per version.")
+@click.pass_context
+def log(ctx: click.Context, as_json: bool) -> None:
+    """List the warehouse's versions: number, time, operation, rows added.
+
+    Example: ew log
+    """
+    entries = _warehouse(ctx).log()
+    if as_json:
+        for entry in entries:
+            click.echo(json.dumps(entry.to_dict()))
+        return
+    click.echo(f"{'version':>7}  {'committed at (UTC)':<19}  {'operation':<14}  {'rows added':>10}  detail")
+    for entry in entries:
+        detail = ", ".join(f"{k}={v}" for k, v in entry.detail.items())
+        click.echo(
+            f"{entry.version:>7}  {entry.committed_at:%Y-%m-%d %H:%M:%S}  {entry.operation:<14}  {entry.rows_added:>10,}  {detail}"
+        )
+
+
+@cli.command()
+@click.option("--available", is_flag=True, help="List the aliases ew knows and whether their weights are installed.")
+@click.option("--version", "version", type=click.IntRange(min=0), help="Read this warehouse version.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per model.")
+@click.pass_context
+def models(ctx: click.Context, available: bool, version: int | None, as_json: bool) -> None:
+    """List the models registered in the warehouse (or, with --available, the aliases).
+
+    Example: ew models --available
+    """
+    if available:
+        from .models import available_models
+
+        rows = available_models()
+        for row in rows:
+            if as_json:
+                click.echo(json.dumps(row))
+            else:
+                state = f"installed at {row['path']}" if row["installed"] else "not installed"
+                click.echo(f"{row['alias']:<10} {row['hf_id']:<42} {state}")
+        return
+    from .registry import registered_models
+
+    for row in registered_models(_warehouse(ctx), version=version):
+        if as_json:
+            click.echo(json.dumps(row, default=str))
+        else:
+            click.echo(
+                f"{row['model']:<32} dim {row['dim']:<5} layers 0..{row['num_layers']:<3} {row['pooling']:<5} "
+                f"max_length {row['max_length']:<5} {row['precision']}  from {row['source']}"
+            )
+
+
+def main() -> None:
+    cli(prog_name="ew")
+
+
+if __name__ == "__main__":
+    main()
