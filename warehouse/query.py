@@ -114,6 +114,8 @@ def _keep_alive(reader: pa.RecordBatchReader, con: duckdb.DuckDBPyConnection) ->
         try:
             for batch in reader:
                 yield batch
+        except duckdb.PermissionException as error:
+            raise QueryRefusedError(_first_line(error)) from None
         except duckdb.Error as error:
             raise QueryError(f"the query failed: {_first_line(error)}") from None
         finally:

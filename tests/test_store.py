@@ -1,0 +1,110 @@
+import subprocess
+import sys
+
+import pyarrow as pa
+import pytest
+
+from warehouse import EwError, VersionNotFoundError, Warehouse, WarehouseLockedError, WarehouseNotFoundError
+
+
+def docs(*ids, section="x"):
+    return pa.table(
+        {
+            "corpus": ["c"] * len(ids),
+            "id": list(ids),
+            "doc_hash": [f"h{i}" for i in ids],
+            "text": [f"text {i}" for i in ids],
+            "record_hash": [f"r{i}{section}" for i in ids],
+            "section": [section] * len(ids),
+        }
+    )
+
+
+@pytest.fixture
+def wh(tmp_path):
+    return Warehouse.open(tmp_path / "wh", create=True)
+
+
+def test_open_missing_warehouse_says_how_to_create_one(tmp_path):
+    with pytest.raises(WarehouseNotFoundError, match="ew ingest"):
+        Warehouse.open(tmp_path / "nope")
+
+
+def test_create_refuses_a_non_empty_foreign_directory(tmp_path):
+    (tmp_path / "data.txt").write_text("mine")
+    with pytest.raises(EwError, match="not an ew warehouse"):
+        Warehouse.open(tmp_path, create=True)
+
+
+def test_two_commits_then_version_reads_the_first(wh):
+    with wh.writer() as w:
+        w.upsert_documents(docs("1", "2"))
+        assert w.commit("ingest") == 0
+    with wh.writer() as w:
+        w.upsert_documents(docs("3"))
+        assert w.commit("ingest") == 1
+    count = "select count(*) as n from documents"
+    assert wh.query(count).read_all().column("n").to_pylist() == [3]
+    assert wh.query(count, version=0).read_all().column("n").to_pylist() == [2]
+    log = wh.log()
+    assert [(e.version, e.operation, e.rows_added) for e in log] == [(0, "ingest", 2), (1, "ingest", 1)]
+
+
+def test_upsert_replaces_a_changed_row_and_keeps_old_versions(wh):
+    with wh.writer() as w:
+        w.upsert_documents(docs("1", "2"))
+        w.commit("ingest")
+    with wh.writer() as w:
+        w.upsert_documents(docs("2", section="y"))
+        w.commit("ingest")
+    rows = wh.query("select id, section from documents order by id").read_all().to_pylist()
+    assert rows == [{"id": "1", "section": "x"}, {"id": "2", "section": "y"}]
+    old = wh.query("select section from documents where id = '2'", version=0).read_all()
+    assert old.column("section").to_pylist() == ["x"]
+
+
+def test_unknown_version_is_a_clear_error(wh):
+    with wh.writer() as w:
+        w.upsert_documents(docs("1"))
+        w.commit("ingest")
+    with pytest.raises(VersionNotFoundError, match="versions run 0..0"):
+        wh.snapshot(5)
+
+
+def test_writes_without_a_commit_are_invisible(wh):
+    with wh.writer() as w:
+        w.upsert_documents(docs("1"))
+        w.commit("ingest")
+    with wh.writer() as w:
+        w.upsert_documents(docs("2"))  # a writer that dies before its log row
+    assert wh.query("select count(*) as n from documents").read_all().column("n").to_pylist() == [1]
+
+
+def test_one_writer_at_a_time(wh):
+    with wh.writer():
+        with pytest.raises(WarehouseLockedError, match="another ew process"):
+            with wh.writer():
+                pass
+
+
+def test_a_pinned_query_is_stable_while_another_process_commits(wh):
+    for start in range(0, 40, 10):
+        with wh.writer() as w:
+            w.upsert_documents(docs(*[str(i) for i in range(start, start + 10)]))
+            w.commit("ingest")
+    reader = wh.query("select id from documents", batch_rows=5)
+    first = reader.read_next_batch()
+    writer_script = (
+        "import sys, pyarrow as pa\n"
+        "from warehouse import Warehouse\n"
+        "wh = Warehouse.open(sys.argv[1])\n"
+        "with wh.writer() as w:\n"
+        "    w.upsert_documents(pa.table({'corpus': ['c'] * 50, 'id': [f'n{i}' for i in range(50)],"
+        " 'doc_hash': ['h'] * 50, 'text': ['t'] * 50, 'record_hash': ['r'] * 50, 'section': ['z'] * 50}))\n"
+        "    print(w.commit('ingest'))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", writer_script, str(wh.root)], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "4"
+    rest = sum(batch.num_rows for batch in reader)
+    assert first.num_rows + rest == 40
+    assert wh.query("select count(*) as n from documents").read_all().column("n").to_pylist() == [90]
