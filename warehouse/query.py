@@ -61,10 +61,11 @@ def connect(
     *,
     memory_limit: str = DEFAULT_MEMORY_LIMIT,
     threads: int | None = None,
+    database: str = ":memory:",
 ) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB with one view per table at ``snapshot``, then locked down."""
+    """A DuckDB (in memory by default) with one view per table at ``snapshot``, then locked down."""
     con = duckdb.connect(
-        ":memory:",
+        database,
         config={
             "memory_limit": memory_limit,
             "threads": threads or usable_cores(),
