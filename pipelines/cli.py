@@ -167,6 +167,108 @@ def models(ctx: click.Context, available: bool, version: int | None, as_json: bo
             )
 
 
+@cli.command("fit-head")
+@click.option("--label", required=True, help="Field of documents to predict (e.g. section).")
+@click.option("--model", "-m", help="Registered model key, unique key prefix or alias (default: the only model stored).")
+@click.option("--layer", type=click.IntRange(min=0), help="Layer whose vectors to train on (default: the last).")
+@click.option("--corpus", help="Only documents of this corpus.")
+@click.option("--where", help="Only documents matching this SQL condition on documents, e.g. \"priority = 'optional'\".")
+@click.option("--head", "kind", type=click.Choice(["mlp", "linear"]), default="mlp", show_default=True)
+@click.option("--hidden", type=click.IntRange(min=1), default=64, show_default=True, help="MLP hidden width.")
+@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True, help="At most; early stopping on validation loss.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=1e-5, show_default=True)
+@click.option("--patience", type=click.IntRange(min=0), default=3, show_default=True, help="Epochs without a better validation loss before stopping.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the split, the shuffling and the weights.")
+@click.option("--split", default="80,10,10", show_default=True, help="train,val,test percentages.")
+@click.option("--name", help="Head name (default: LABEL-TIMESTAMP).")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: all usable cores).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@click.pass_context
+def fit_head(ctx: click.Context, as_json: bool, **options) -> None:
+    """Train a tiny classifier head on stored embeddings (embedding only what is missing).
+
+    Example: ew fit-head --label section --model minilm
+    """
+    from .fitting import fit_head as run_fit
+
+    result = run_fit(_warehouse(ctx), **options)
+    if as_json:
+        click.echo(json.dumps({k: v for k, v in result.to_dict().items() if k != "metrics"}))
+        return
+    click.echo(
+        f"head {result.head}: {result.kind} on {result.model} layer {result.layer}, label {result.label!r} "
+        f"({len(result.classes)} classes)"
+    )
+    click.echo(
+        f"rows: train {result.train:,}, val {result.val:,}, test {result.test:,}; missing label {result.missing_label:,}; "
+        f"vectors reused {result.reused:,}, embedded {result.embedded:,}"
+    )
+    if result.rare_classes:
+        shown = ", ".join(result.rare_classes[:8]) + (" ..." if len(result.rare_classes) > 8 else "")
+        click.echo(f"{len(result.rare_classes)} classes are too small to appear in every split: {shown}")
+    click.echo(
+        f"test accuracy {result.accuracy:.4f}, macro-F1 {result.macro_f1:.4f}; "
+        f"{result.epochs} epochs (best {result.best_epoch}) in {result.train_seconds:.1f}s, {result.seconds:.1f}s in all"
+    )
+    worst = sorted(result.metrics["per_class"], key=lambda c: c["f1"])[:5]
+    click.echo("weakest classes: " + ", ".join(f"{c['label']} (P {c['precision']:.2f} R {c['recall']:.2f})" for c in worst))
+    click.echo(f"stored at {result.path} (trained on warehouse version {result.version})")
+    click.echo(f"report: {result.report}")
+
+
+@cli.command()
+@click.option("--version", "version", type=click.IntRange(min=0), help="Read this warehouse version.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per head.")
+@click.pass_context
+def heads(ctx: click.Context, version: int | None, as_json: bool) -> None:
+    """List the heads trained in this warehouse.
+
+    Example: ew heads
+    """
+    from .fitting import list_heads
+
+    for row in list_heads(_warehouse(ctx), version=version):
+        if as_json:
+            row = {k: v for k, v in row.items() if k != "card"}
+            click.echo(json.dumps(row, default=str))
+        else:
+            click.echo(
+                f"{row['head']:<32} {row['label']:<12} {row['kind']:<6} {row['model']} layer {row['layer']:<3} "
+                f"acc {row['accuracy']:.4f} macro-F1 {row['macro_f1']:.4f} ({len(row['classes'])} classes, v{row['trained_on_version']})"
+            )
+
+
+@cli.command()
+@click.argument("head")
+@click.argument("corpus_file", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--where", help="Predict stored documents matching this SQL condition instead of a corpus file.")
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path), help="A .parquet or .csv file.")
+@click.option("--text-field", default="text", show_default=True)
+@click.option("--id-field", default="id", show_default=True)
+@click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), help="Inference threads (default: all usable cores).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@click.pass_context
+def predict(ctx: click.Context, head: str, corpus_file: Path | None, as_json: bool, **options) -> None:
+    """Apply a head to a corpus file (or stored documents) and write predictions with probabilities.
+
+    Example: ew predict section-20261122-101500 new_packages.jsonl --output predictions.parquet
+    """
+    from .prediction import predict as run_predict
+
+    warehouse = Warehouse.open(ctx.obj["warehouse"])
+    result = run_predict(warehouse, head, corpus_file=corpus_file, **options)
+    if as_json:
+        click.echo(json.dumps(result.to_dict()))
+        return
+    click.echo(
+        f"wrote {result.rows:,} predictions of {result.head} to {result.output} "
+        f"(vectors reused {result.reused:,}, embedded {result.embedded:,}; warehouse version {result.version})"
+    )
+
+
 def main() -> None:
     cli(prog_name="ew")
 

@@ -25,13 +25,14 @@ import pyarrow.dataset as pads
 from warehouse import Warehouse, Writer
 from warehouse.errors import EwError, InputError
 from warehouse.keys import doc_hash, record_hash
+from warehouse.splits import DocumentFilter, missing_vectors
 from warehouse.store import now_utc
-from warehouse.tables import DOCUMENTS, DOCUMENTS_SCHEMA, EMBEDDINGS, TIMESTAMP
+from warehouse.tables import DOCUMENTS, EMBEDDINGS, TIMESTAMP, vector_column
 
 from .corpus import FieldTypes, Record, Rejected, corpus_name, count_lines, read_corpus
 from .encoder import Encoder
 from .progress import Progress
-from .registry import prepare_model
+from .registry import model_row, prepare_model
 
 ON_ERROR = ("fail", "skip")
 DEFAULT_CHUNK = 4096
@@ -112,13 +113,6 @@ def _group_by_layer(batch: pa.RecordBatch) -> Iterator[tuple[int, list[str]]]:
     layer_column = batch.column("layer")
     for layer in pc.unique(layer_column).to_pylist():
         yield layer, batch.column("doc_hash").filter(pc.equal(layer_column, layer)).to_pylist()
-
-
-def vector_column(matrix: np.ndarray) -> pa.ListArray:
-    """(n, dim) float32 -> a list<float32> column without copying row by row."""
-    rows, dim = matrix.shape
-    offsets = pa.array(np.arange(0, (rows + 1) * dim, dim, dtype=np.int32))
-    return pa.ListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(matrix, dtype=np.float32).reshape(-1)))
 
 
 def encode_texts(
@@ -334,7 +328,7 @@ class _Run:
     """State of one ingest: what is stored, what this run encoded, and the counters."""
 
     def __init__(self, *, writer: Writer, model_key: str, artifact: Path, pooling: str, corpus: str,
-                 layers: list[int], batch_size: int, threads: int | None):
+                 layers: list[int], batch_size: int, threads: int | None, load_documents: bool = True):
         self.writer = writer
         self.model_key = model_key
         self.artifact = artifact
@@ -346,7 +340,7 @@ class _Run:
         self._encoder: Encoder | None = None
         warehouse = writer.warehouse
         self.stored = StoredKeys(warehouse.current_dataset(EMBEDDINGS), model=model_key, pooling=pooling, layers=layers)
-        self.existing = _existing_records(warehouse, corpus)
+        self.existing = _existing_records(warehouse, corpus) if load_documents else {}
         self.seen_texts: set[str] = set()
         self.seen_ids: set[str] = set()
         self.read = self.new_documents = self.updated_documents = 0
@@ -424,3 +418,72 @@ class _Run:
         self.writer.append_embeddings(work.embeddings)
         self.writer.upsert_documents(work.documents)
         return self.writer.commit("ingest", work.detail)
+
+
+def embed_missing(
+    writer: Writer,
+    batches: Iterable[pa.RecordBatch],
+    *,
+    model_key: str,
+    layers: Sequence[int],
+    pooling: str,
+    batch_size: int = 32,
+    threads: int | None = None,
+    operation: str = "embed",
+) -> tuple[int, int]:
+    """Encode and store the missing layers of (doc_hash, text) rows; one commit per batch.
+
+    The same path as ingest: keys already stored (even by an interrupted run) are skipped.
+    Returns (documents embedded, texts truncated).
+    """
+    warehouse = writer.warehouse
+    run = _Run(
+        writer=writer, model_key=model_key, artifact=warehouse.root / model_row(warehouse, model_key)["artifact"], pooling=pooling,
+        corpus="", layers=list(layers), batch_size=batch_size, threads=threads, load_documents=False,
+    )
+    for batch in batches:
+        wanted = {}
+        for key, text in zip(batch.column("doc_hash").to_pylist(), batch.column("text").to_pylist()):
+            missing = run.stored.missing(key)
+            if missing and key not in wanted:
+                wanted[key] = (text, missing)
+        if not wanted:
+            continue
+        keys = list(wanted)
+        vectors, truncated = encode_texts(run.encoder, [wanted[k][0] for k in keys], batch_size=batch_size)
+        writer.append_embeddings(
+            embedding_rows(keys, vectors, [wanted[k][1] for k in keys], model=model_key, pooling=pooling)
+        )
+        writer.commit(operation, {"model": model_key, "embedded": len(keys)})
+        for key in keys:
+            run.stored.add(key, wanted[key][1])
+        run.embedded += len(keys)
+        run.truncated += int(truncated.sum())
+    return run.embedded, run.truncated
+
+
+
+def ensure_vectors(
+    warehouse: Warehouse,
+    documents: DocumentFilter,
+    *,
+    model_key: str,
+    layer: int,
+    pooling: str,
+    threads: int | None = None,
+    operation: str = "embed",
+) -> int:
+    """Embed the stored documents matching ``documents`` that lack a vector of model/layer; returns how many."""
+    probe = missing_vectors(warehouse, documents=documents, model=model_key, layer=layer, pooling=pooling, batch_rows=1)
+    try:
+        if not any(batch.num_rows for batch in probe):
+            return 0  # nothing to write: no lock taken, no version made
+    finally:
+        probe.close()
+    with warehouse.writer() as writer:
+        embedded, _ = embed_missing(
+            writer,
+            missing_vectors(warehouse, documents=documents, model=model_key, layer=layer, pooling=pooling),
+            model_key=model_key, layers=[layer], pooling=pooling, threads=threads, operation=operation,
+        )
+    return embedded

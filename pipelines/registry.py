@@ -12,12 +12,13 @@ from pathlib import Path
 import pyarrow.compute as pc
 
 from warehouse import Warehouse, Writer
-from warehouse.errors import UnknownModelKeyError
+from warehouse.errors import EwError, UnknownModelKeyError
+from warehouse.keys import slug
 from warehouse.store import now_utc
 from warehouse.tables import MODELS
 
 from .encoder import Encoder
-from .models import resolve_model
+from .models import ALIASES, resolve_model
 
 
 @dataclass(frozen=True)
@@ -89,9 +90,41 @@ def prepare_model(
     return PreparedModel(key=source.key, artifact=artifact, exported=True, max_abs_diff=report.max_abs_diff)
 
 
+def model_row(warehouse: Warehouse, key: str, *, version: int | None = None) -> dict:
+    """The ``models`` row of a registered model key, or UnknownModelKeyError listing the known ones."""
+    rows = registered_models(warehouse, version=version)
+    for row in rows:
+        if row["model"] == key:
+            return row
+    raise UnknownModelKeyError(key, [row["model"] for row in rows])
+
+
+def find_model(warehouse: Warehouse, name: str | None) -> dict:
+    """The registered model ``name`` refers to: its key, a unique key prefix, or an alias; the only one when None."""
+    rows = registered_models(warehouse)
+    if not rows:
+        raise UnknownModelKeyError(name or "", [])
+    if name is None:
+        if len(rows) == 1:
+            return rows[0]
+        raise EwError(
+            f"the warehouse holds {len(rows)} models ({', '.join(r['model'] for r in rows)}); choose one with --model"
+        )
+    prefixes = [name]
+    if name in ALIASES:
+        prefixes.append(slug(ALIASES[name].hf_id))
+    for prefix in prefixes:
+        exact = [row for row in rows if row["model"] == prefix]
+        if exact:
+            return exact[0]
+        matches = [row for row in rows if row["model"].startswith(prefix + "-") or row["name"] == prefix]
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise EwError(f"{name!r} matches several models ({', '.join(r['model'] for r in matches)}); pass a full key")
+    raise UnknownModelKeyError(name, [row["model"] for row in rows])
+
+
 def load_encoder(warehouse: Warehouse, key: str, *, threads: int | None = None, version: int | None = None) -> Encoder:
     """The stored ONNX encoder of a registered model."""
-    for row in registered_models(warehouse, version=version):
-        if row["model"] == key:
-            return Encoder.load(warehouse.root / row["artifact"], threads=threads)
-    raise UnknownModelKeyError(key, [row["model"] for row in registered_models(warehouse, version=version)])
+    return Encoder.load(warehouse.root / model_row(warehouse, key, version=version)["artifact"], threads=threads)

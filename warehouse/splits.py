@@ -103,6 +103,58 @@ def _matrix(blobs: pa.Array, dim: int) -> np.ndarray:
     return data.view(np.float32).reshape(len(blobs), dim)
 
 
+@dataclass(frozen=True)
+class DocumentFilter:
+    """Which documents take part: those with a non-null ``label``, of ``corpus``, matching ``where``."""
+
+    label: str | None = None
+    corpus: str | None = None
+    where: str | None = None
+
+    def check(self, columns: list[str]) -> None:
+        if self.label is not None and (self.label not in columns or self.label in RESERVED_DOCUMENT_COLUMNS - {"text"}):
+            usable = sorted(set(columns) - RESERVED_DOCUMENT_COLUMNS)
+            raise HeadError(
+                f"documents has no label column {self.label!r}; fields you can use: "
+                f"{', '.join(usable) or 'none yet (ingest a corpus first)'}"
+            )
+        if self.where:
+            check_sql(f"SELECT 1 FROM documents WHERE {self.where}")
+
+    def condition(self, *, labelled: bool = True) -> tuple[str, list]:
+        """A SQL condition over ``documents`` and its parameters."""
+        clauses, params = [], []
+        if labelled and self.label is not None:
+            clauses.append(f"{quote(self.label)} IS NOT NULL")
+        if self.corpus is not None:
+            clauses.append("corpus = ?")
+            params.append(self.corpus)
+        if self.where:
+            clauses.append(f"({self.where})")
+        return (" AND ".join(clauses) or "TRUE"), params
+
+
+def missing_vectors(
+    warehouse: "Warehouse", *, documents: DocumentFilter, model: str, layer: int, pooling: str, batch_rows: int = 4096
+) -> Iterator[pa.RecordBatch]:
+    """(doc_hash, text) batches of the latest version's documents that lack a vector of model/layer/pooling."""
+    snapshot = warehouse.snapshot()
+    documents.check(warehouse.dataset(DOCUMENTS, snapshot).schema.names)
+    condition, params = documents.condition()
+    con = connect(warehouse, snapshot)
+    try:
+        reader = con.execute(
+            f"SELECT doc_hash, any_value(text) AS text FROM documents WHERE {condition} AND doc_hash NOT IN "
+            "(SELECT doc_hash FROM embeddings WHERE model = ? AND layer = ? AND pooling = ?) GROUP BY doc_hash",
+            params + [model, layer, pooling],
+        ).to_arrow_reader(batch_rows)
+        yield from reader
+    except duckdb.Error as error:
+        raise QueryError(f"finding documents without vectors failed: {str(error).splitlines()[0]}") from None
+    finally:
+        con.close()
+
+
 @dataclass
 class LabelledVectors:
     """The labelled vectors of one model / layer / pooling at one warehouse version, split by doc_hash.
@@ -125,12 +177,8 @@ class LabelledVectors:
     def __post_init__(self) -> None:
         snapshot = self._snapshot = self.warehouse.snapshot(self.version)
         self.version = snapshot.version
-        columns = self.warehouse.dataset(DOCUMENTS, snapshot).schema.names
-        if self.label not in columns or self.label in RESERVED_DOCUMENT_COLUMNS - {"text"}:
-            usable = sorted(set(columns) - RESERVED_DOCUMENT_COLUMNS)
-            raise HeadError(
-                f"documents has no label column {self.label!r}; fields you can use: {', '.join(usable) or 'none yet (ingest a corpus first)'}"
-            )
+        self._documents = DocumentFilter(label=self.label, corpus=self.corpus, where=self.where)
+        self._documents.check(self.warehouse.dataset(DOCUMENTS, snapshot).schema.names)
         # DuckDB keeps its tables within memory_limit and pages the rest to its temp directory.
         self._con = connect(self.warehouse, snapshot, memory_limit=self.memory_limit, threads=self.threads)
         try:
@@ -140,26 +188,17 @@ class LabelledVectors:
             raise QueryError(f"assembling the training data failed: {str(error).splitlines()[0]}") from None
 
     # -- building ------------------------------------------------------------------
-    def _document_filter(self) -> tuple[str, list]:
-        clauses, params = [], []
-        if self.corpus is not None:
-            clauses.append("corpus = ?")
-            params.append(self.corpus)
-        if self.where:
-            check_sql(f"SELECT 1 FROM documents WHERE {self.where}")
-            clauses.append(f"({self.where})")
-        return (" AND ".join(clauses) or "TRUE"), params
-
     def _materialize(self) -> None:
         con = self._con
-        condition, params = self._document_filter()
         label = quote(self.label)
+        condition, params = self._documents.condition(labelled=False)
         self.missing_label = con.execute(
             f"SELECT count(*) FROM documents WHERE {label} IS NULL AND {condition}", params
         ).fetchone()[0]
+        condition, params = self._documents.condition()
         con.execute(
             f"CREATE TABLE labelled AS SELECT DISTINCT doc_hash, CAST({label} AS VARCHAR) AS label "
-            f"FROM documents WHERE {label} IS NOT NULL AND {condition}",
+            f"FROM documents WHERE {condition}",
             params,
         )
         vector_filter = "model = ? AND layer = ? AND pooling = ?"

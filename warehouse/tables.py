@@ -5,6 +5,7 @@ Table names are part of the user contract: they are folder names on disk, view n
 """
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 
 DOCUMENTS = "documents"
@@ -111,3 +112,10 @@ PARTITIONS: dict[str, list[str]] = {
     HEADS: [],
     LOG: [],
 }
+
+
+def vector_column(matrix: np.ndarray) -> pa.ListArray:
+    """(n, dim) float32 -> the ``embedding`` column type, without converting row by row."""
+    rows, dim = matrix.shape
+    offsets = pa.array(np.arange(0, (rows + 1) * dim, dim, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(matrix, dtype=np.float32).reshape(-1)))

@@ -1,0 +1,104 @@
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from warehouse.tables import vector_column
+from warehouse import EwError, HeadError, Warehouse
+from warehouse.keys import doc_hash
+from warehouse.splits import LabelledVectors, SplitSpec
+
+DIM = 8
+
+
+def add(wh, start, stop, *, label="topic"):
+    texts = [f"document number {i}" for i in range(start, stop)]
+    hashes = [doc_hash(t) for t in texts]
+    rng = np.random.default_rng(start)
+    with wh.writer() as w:
+        w.upsert_documents(
+            pa.table(
+                {
+                    "corpus": ["c"] * len(texts),
+                    "id": [str(i) for i in range(start, stop)],
+                    "doc_hash": hashes,
+                    "text": texts,
+                    "record_hash": hashes,
+                    label: [None if i % 10 == 0 else f"class{i % 3}" for i in range(start, stop)],
+                }
+            )
+        )
+        w.append_embeddings(
+            pa.table(
+                {
+                    "doc_hash": hashes,
+                    "model": ["m-000000000000"] * len(texts),
+                    "layer": pa.array([2] * len(texts), pa.int32()),
+                    "pooling": ["mean"] * len(texts),
+                    "embedding": vector_column(rng.normal(size=(len(texts), DIM)).astype(np.float32)),
+                }
+            )
+        )
+        w.commit("ingest")
+
+
+@pytest.fixture
+def wh(tmp_path):
+    wh = Warehouse.open(tmp_path / "wh", create=True)
+    add(wh, 0, 300)
+    return wh
+
+
+def splits_of(wh, **options):
+    with LabelledVectors(wh, model="m-000000000000", layer=2, pooling="mean", label="topic", **options) as data:
+        return {split: {h for _, _, keys in data.keyed_batches(split, batch_size=50) for h in keys} for split in ("train", "val", "test")}, data.counts
+
+
+def test_split_is_a_function_of_doc_hash_and_seed(wh):
+    spec = SplitSpec()
+    splits, counts = splits_of(wh)
+    for split, hashes in splits.items():
+        assert all(spec.split_of(h) == split for h in hashes)
+    assert sum(counts.values()) == 270  # every tenth document has no label
+    assert 0.7 < counts["train"] / 270 < 0.9
+
+
+def test_no_document_changes_split_when_the_warehouse_grows(wh):
+    before, _ = splits_of(wh)
+    add(wh, 300, 900)
+    after, counts = splits_of(wh)
+    for split in before:
+        assert before[split] <= after[split]
+    assert sum(counts.values()) == 810
+    old, _ = splits_of(wh, version=0)
+    assert old == before
+
+
+def test_another_seed_gives_another_split(wh):
+    first, _ = splits_of(wh)
+    second, _ = splits_of(wh, spec=SplitSpec(seed=1))
+    assert first != second
+
+
+def test_epochs_are_shuffled_reproducibly(wh):
+    with LabelledVectors(wh, model="m-000000000000", layer=2, pooling="mean", label="topic") as data:
+        one = np.concatenate([x for x, _ in data.batches("train", batch_size=16, epoch=1)])
+        again = np.concatenate([x for x, _ in data.batches("train", batch_size=16, epoch=1)])
+        two = np.concatenate([x for x, _ in data.batches("train", batch_size=16, epoch=2)])
+        assert one.shape == (data.counts["train"], DIM) and one.dtype == np.float32
+        assert np.array_equal(one, again)
+        assert not np.array_equal(one, two)
+        assert np.allclose(np.sort(one, axis=0), np.sort(two, axis=0))
+        assert data.classes == ["class0", "class1", "class2"]
+        assert data.missing_label == 30
+
+
+def test_unknown_label_lists_the_usable_fields(wh):
+    with pytest.raises(HeadError, match="no label column 'sentiment'; fields you can use: topic"):
+        LabelledVectors(wh, model="m-000000000000", layer=2, pooling="mean", label="sentiment")
+
+
+def test_bad_split_spec():
+    with pytest.raises(EwError, match="add up to 100"):
+        SplitSpec.parse("80,10,5")
+    with pytest.raises(EwError, match="look like 80,10,10"):
+        SplitSpec.parse("80/20")
