@@ -97,10 +97,10 @@ def predict(
     if selection is not None:
         con.register("ew_selection", selection)
     try:
-        reader = con.execute(
+        reader = con.sql(
             "SELECT d.id, d.doc_hash, e.embedding FROM documents d JOIN embeddings e USING (doc_hash) "
             f"WHERE e.model = ? AND e.layer = ? AND e.pooling = ? AND {condition} ORDER BY d.corpus, d.id",
-            [model, layer, pooling] + params,
+            params=[model, layer, pooling] + params,
         ).to_arrow_reader(FETCH_ROWS)
         rows = _write_predictions(reader, loaded, output)
     except duckdb.Error as error:

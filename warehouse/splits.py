@@ -143,10 +143,10 @@ def missing_vectors(
     condition, params = documents.condition()
     con = connect(warehouse, snapshot)
     try:
-        reader = con.execute(
+        reader = con.sql(
             f"SELECT doc_hash, any_value(text) AS text FROM documents WHERE {condition} AND doc_hash NOT IN "
             "(SELECT doc_hash FROM embeddings WHERE model = ? AND layer = ? AND pooling = ?) GROUP BY doc_hash",
-            params + [model, layer, pooling],
+            params=params + [model, layer, pooling],
         ).to_arrow_reader(batch_rows)
         yield from reader
     except duckdb.Error as error:
@@ -258,10 +258,10 @@ class LabelledVectors:
             params.pop("seed"), params.pop("epoch")
         # A cursor of its own, so a stream can run in a prefetch thread beside another.
         cursor = self._con.cursor()
-        reader = cursor.execute(
+        reader = cursor.sql(
             f"SELECT e.x, c.y, e.doc_hash FROM examples e JOIN classes c USING (label) "
             f"WHERE e.split = $split ORDER BY {order}",
-            params,
+            params=params,
         ).to_arrow_reader(FETCH_ROWS)
         try:
             for batch in reader:
