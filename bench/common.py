@@ -1,0 +1,51 @@
+"""What every benchmark shares: the Debian corpus, the machine, and the JSON result file."""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import platform
+import random
+from datetime import datetime, timezone
+from pathlib import Path
+
+import warehouse
+
+DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "debian_packages.jsonl.gz"
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def debian_records(*, limit: int | None = None, seed: int = 0) -> list[dict]:
+    """The Debian corpus (a seeded sample of ``limit`` records, or all of it)."""
+    if not DATA.is_file():
+        raise SystemExit(f"the benchmark corpus {DATA} is missing (it ships in ../shared/data)")
+    with gzip.open(DATA, "rt", encoding="utf-8") as handle:
+        records = [json.loads(line) for line in handle]
+    if limit is not None and limit < len(records):
+        records = random.Random(seed).sample(records, limit)
+    return records
+
+
+def write_jsonl(records: list[dict], path: Path) -> Path:
+    with open(path, "w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return path
+
+
+def machine() -> dict:
+    return {
+        "cpu_count": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+    }
+
+
+def save(name: str, result: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    result = {"benchmark": name, "measured_at": datetime.now(timezone.utc).isoformat(), "machine": machine(),
+              "ew_modules": warehouse.__name__, **result}
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return path
