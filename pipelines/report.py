@@ -19,7 +19,7 @@ from pipelines.training import EpochStats
 from warehouse.errors import MissingDependencyError
 
 CURVES_HEIGHT = 3.2  # inches
-CELL = 0.2  # inches per confusion-matrix class: 60 classes give a 12-inch matrix
+CELL = 0.22  # inches per confusion-matrix class: 60 classes give a 13-inch matrix
 LABEL_CHARS = 28  # longer class names are cut with an ellipsis
 ANNOTATE_UP_TO = 15  # write the percentage in each cell up to this many classes
 
@@ -59,9 +59,9 @@ def _plot_confusion(figure, axes, metrics: Metrics) -> None:
     support = confusion.sum(axis=1, keepdims=True)  # (C, 1)
     normalised = np.divide(confusion, support, out=np.zeros_like(confusion), where=support > 0)
     num_classes = confusion.shape[0]
-    image = axes.imshow(normalised, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
+    image = axes.imshow(normalised, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest", aspect="auto")
     labels = [f"{_short(item.label)} ({item.support})" for item in metrics.per_class]
-    fontsize = 9 if num_classes <= 20 else 7 if num_classes <= 40 else 6
+    fontsize = 9 if num_classes <= 20 else 8 if num_classes <= 40 else 7
     axes.set_xticks(range(num_classes))
     axes.set_yticks(range(num_classes))
     axes.set_xticklabels([_short(item.label) for item in metrics.per_class], rotation=90, fontsize=fontsize)
@@ -93,7 +93,7 @@ def write_report(path: Path, *, history: Sequence[EpochStats], metrics: Metrics,
     num_classes = metrics.confusion.shape[0]
     matrix_side = max(4.0, CELL * num_classes)
     longest = max((len(_short(item.label)) for item in metrics.per_class), default=4)
-    label_room = 0.6 + 0.06 * longest  # inches for tick labels at the small font sizes
+    label_room = 0.6 + 0.07 * longest  # inches for tick labels at the small font sizes
     width = max(9.0, matrix_side + label_room + 1.5)
     height = CURVES_HEIGHT + matrix_side + label_room + 1.2
     figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
@@ -111,7 +111,7 @@ def write_report(path: Path, *, history: Sequence[EpochStats], metrics: Metrics,
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        figure.savefig(temporary, format="png")
+        figure.savefig(temporary, format="png", bbox_inches="tight")  # never clip a long label
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)

@@ -1,0 +1,47 @@
+"""The tables ew writes match the JSON Schemas in schemas/."""
+import json
+from datetime import datetime
+from pathlib import Path
+
+import jsonschema
+import pyarrow as pa
+import pytest
+from deltalake import DeltaTable
+
+SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"
+
+
+def arrow_name(kind: pa.DataType) -> str:
+    """The type as schemas/ spell it: list<float32>, timestamp[us, tz=UTC], int64, ..."""
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        return f"list<{arrow_name(kind.value_type)}>"
+    if pa.types.is_timestamp(kind):
+        return f"timestamp[{kind.unit}, tz={'UTC' if kind.tz in ('UTC', 'Etc/UTC', '+00:00') else kind.tz}]"
+    if pa.types.is_large_string(kind) or pa.types.is_string_view(kind):
+        return "string"
+    return {"float": "float32", "double": "float64"}.get(str(kind), str(kind))
+
+
+def plain(value):
+    return value.isoformat() if isinstance(value, datetime) else value
+
+
+@pytest.mark.parametrize("table", ["documents", "embeddings", "models", "heads", "log"])
+def test_written_tables_match_their_schema(fitted, table):
+    schema = json.loads((SCHEMAS / f"{table}.schema.json").read_text())
+    delta = DeltaTable(str(fitted.root / table)).to_pyarrow_table()
+    assert delta.num_rows > 0
+    for name, spec in schema["properties"].items():
+        assert name in delta.column_names, name
+        assert arrow_name(delta.schema.field(name).type) == spec["x-arrow-type"], name
+    for row in delta.to_pylist()[:50]:
+        jsonschema.validate({k: plain(v) for k, v in row.items() if v is not None or k in schema["required"]}, schema)
+
+
+def test_corpus_lines_match_the_corpus_schema():
+    schema = json.loads((SCHEMAS / "corpus_line.schema.json").read_text())
+    example = Path(__file__).resolve().parent.parent / "examples" / "debian_sample.jsonl"
+    for line in example.read_text().splitlines()[:100]:
+        jsonschema.validate(json.loads(line), schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"id": 1, "text": ""}, schema)
