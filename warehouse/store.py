@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 from deltalake import DeltaTable, write_deltalake
 
@@ -137,6 +138,16 @@ class Warehouse:
             yield Writer(self)
 
 
+def conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
+    """``batch`` with ``schema``'s columns in its order: missing ones null, others cast."""
+    columns = []
+    for field in schema:
+        index = batch.schema.get_field_index(field.name)
+        column = batch.column(index) if index >= 0 else pa.nulls(batch.num_rows, field.type)
+        columns.append(column if column.type == field.type else column.cast(field.type))
+    return pa.RecordBatch.from_arrays(columns, schema=schema)
+
+
 @dataclass
 class Writer:
     """Writes Delta commits under the warehouse's write lock.
@@ -167,35 +178,54 @@ class Writer:
         return rows.num_rows
 
     def upsert_documents(self, rows: pa.Table) -> int:
-        """Insert new (corpus, id) rows and replace changed ones; every column of the table is written."""
+        """Insert new (corpus, id) rows and replace changed ones; one Delta commit per corpus.
+
+        New rows are appended. When some rows replace stored ones, the corpus's partition is
+        rewritten in one overwrite commit (streamed: the stored rows minus the replaced ids,
+        then the given rows), so a changed record replaces its whole row: fields it no longer
+        has become null. (Delta's MERGE would do the same but writes Parquet files with Arrow
+        view types that pyarrow's dataset filters cannot read.)
+        """
         if not rows.num_rows:
             return 0
         path = str(self.warehouse.table_path(DOCUMENTS))
         if not DeltaTable.is_deltatable(path):
             self._write(DOCUMENTS, rows)
             return rows.num_rows
-        target = DeltaTable(path)
-        existing = target.schema().to_arrow()
-        existing = pa.schema(existing) if not isinstance(existing, pa.Schema) else existing
-        # A changed record replaces the whole row: columns it lacks become null.
-        for name in existing.names:
-            if name not in rows.column_names:
-                rows = rows.append_column(existing.field(name).name, pa.nulls(rows.num_rows, existing.field(name).type))
-        (
-            target.merge(
-                rows,
-                predicate="t.corpus = s.corpus AND t.id = s.id",
-                source_alias="s",
-                target_alias="t",
-                merge_schema=True,
-            )
-            .when_matched_update_all()
-            .when_not_matched_insert_all()
-            .execute()
+        for corpus in pc.unique(rows.column("corpus")).to_pylist():
+            part = rows.filter(pc.equal(rows.column("corpus"), corpus))
+            self._upsert_corpus(path, corpus, part)
+        return rows.num_rows
+
+    def _upsert_corpus(self, path: str, corpus: str, rows: pa.Table) -> None:
+        stored = DeltaTable(path).to_pyarrow_dataset()
+        in_corpus = pc.field("corpus") == corpus
+        stored_ids = stored.to_table(columns=["id"], filter=in_corpus).column("id")
+        replaced = pc.is_in(rows.column("id"), value_set=stored_ids.combine_chunks())
+        if not pc.any(replaced).as_py():
+            self._write(DOCUMENTS, rows)
+            return
+        schema = pa.unify_schemas([stored.schema, rows.schema], promote_options="permissive")
+        keep = pc.invert(pc.is_in(pc.field("id"), value_set=rows.column("id").combine_chunks()))
+
+        def batches():
+            for batch in stored.to_batches(filter=in_corpus & keep):
+                if batch.num_rows:
+                    yield conform(batch, schema)
+            for batch in rows.to_batches():
+                yield conform(batch, schema)
+
+        escaped = corpus.replace("'", "''")
+        write_deltalake(
+            path,
+            pa.RecordBatchReader.from_batches(schema, batches()),
+            mode="overwrite",
+            predicate=f"corpus = '{escaped}'",
+            partition_by=PARTITIONS[DOCUMENTS],
+            schema_mode="merge",
         )
         self.rows_added += rows.num_rows
         self.pending.append(DOCUMENTS)
-        return rows.num_rows
 
     def register_model(self, row: dict) -> None:
         self._write(MODELS, pa.Table.from_pylist([row], schema=SCHEMAS[MODELS]))

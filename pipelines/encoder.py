@@ -1,0 +1,173 @@
+"""Run an exported encoder: `tokenizers` + onnxruntime, no torch.
+
+An artifact directory (written by :func:`pipelines.export.export_model`) holds ``model.onnx``,
+``tokenizer.json`` and ``model.json``. One ONNX call returns every layer's pooled vector, so a
+document is encoded once whatever layer a head later trains on.
+
+>>> encoder = Encoder.load(Path("artifacts/all-minilm-l6-v2-3f1c0b9e2d4a"))   # doctest: +SKIP
+>>> encoder.encode(["a text", "another"]).vectors.shape                      # doctest: +SKIP
+(2, 7, 384)
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from warehouse.errors import EwError
+
+MODEL_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+CARD_FILE = "model.json"
+OUTPUT_NAME = "pooled"
+INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")  # the graph takes a subset, in this order
+_CARD_FIELDS = ("key", "pooling", "max_length", "dim", "num_layers", "input_names")
+
+
+class ArtifactError(EwError):
+    """An exported model directory is missing or unusable."""
+
+    def __init__(self, path: Path | str, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(
+            f"model artifact {self.path} is unusable: {reason}; delete the directory and export the model again"
+        )
+
+
+@dataclass(frozen=True)
+class EncodedBatch:
+    vectors: np.ndarray  # (N, num_layers + 1, dim) float32, in input order
+    truncated: np.ndarray  # (N,) bool: the text had more than max_length tokens
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (respects taskset/cgroup affinity, unlike os.cpu_count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def open_session(model_file: Path, *, threads: int) -> ort.InferenceSession:
+    """An onnxruntime CPU session tuned for batch encoding; export verifies through this same call."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    # One graph branch at a time: the threads are better spent inside the big MatMuls.
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
+
+
+class Encoder:
+    """Tokenize and encode texts into every layer's pooled vector."""
+
+    def __init__(self, path: Path, card: dict, tokenizer: Tokenizer, session: ort.InferenceSession, *, threads: int):
+        self.path = path
+        self.card = card
+        self.key: str = card["key"]
+        self.dim: int = card["dim"]
+        self.num_layers: int = card["num_layers"]
+        self.max_length: int = card["max_length"]
+        self.pooling: str = card["pooling"]
+        self.threads = threads
+        self._input_names: list[str] = list(card["input_names"])
+        self._pad_id = int(card.get("pad_token_id") or 0)
+        self._tokenizer = tokenizer
+        self._session = session
+
+    @classmethod
+    def load(cls, artifact_dir: Path, *, threads: int | None = None) -> Encoder:
+        """Open an artifact directory; ``threads`` defaults to the usable cores."""
+        artifact_dir = Path(artifact_dir)
+        threads = usable_cores() if threads is None else threads
+        if threads < 1:
+            raise ArtifactError(artifact_dir, f"threads must be at least 1, got {threads}")
+        for name in (CARD_FILE, MODEL_FILE, TOKENIZER_FILE):
+            if not (artifact_dir / name).is_file():
+                raise ArtifactError(artifact_dir, f"{name} is missing")
+        card = _read_card(artifact_dir)
+        try:
+            tokenizer = Tokenizer.from_file(str(artifact_dir / TOKENIZER_FILE))
+        except Exception as error:  # tokenizers raises plain Exception on a bad file
+            raise ArtifactError(artifact_dir, f"{TOKENIZER_FILE} cannot be loaded ({error})") from error
+        tokenizer.no_padding()  # we pad per batch ourselves
+        # With stride 0, anything past max_length lands in `overflowing`: that is how truncation is detected.
+        tokenizer.enable_truncation(card["max_length"])
+        try:
+            session = open_session(artifact_dir / MODEL_FILE, threads=threads)
+        except Exception as error:  # onnxruntime raises its own non-EwError types
+            raise ArtifactError(artifact_dir, f"{MODEL_FILE} cannot be loaded ({error})") from error
+        graph_inputs = [i.name for i in session.get_inputs()]
+        graph_outputs = [o.name for o in session.get_outputs()]
+        if (
+            sorted(graph_inputs) != sorted(card["input_names"])
+            or not set(graph_inputs) <= set(INPUT_NAMES)
+            or graph_outputs != [OUTPUT_NAME]
+        ):
+            raise ArtifactError(
+                artifact_dir,
+                f"{MODEL_FILE} takes {graph_inputs} and returns {graph_outputs}, "
+                f"but {CARD_FILE} says {card['input_names']} -> [{OUTPUT_NAME!r}]",
+            )
+        return cls(artifact_dir, card, tokenizer, session, threads=threads)
+
+    def token_lengths(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens each text gets after truncation, whether it was truncated)."""
+        encodings = self._tokenizer.encode_batch(list(texts))
+        lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
+        truncated = np.fromiter((bool(e.overflowing) for e in encodings), dtype=bool, count=len(encodings))
+        return lengths, truncated
+
+    def encode(self, texts: Sequence[str], *, batch_size: int = 32) -> EncodedBatch:
+        """Vectors of every layer for each text, in input order.
+
+        Texts are sorted by token count and cut into batches padded only to their own longest
+        text, so short texts do not pay for long ones.
+        """
+        if batch_size < 1:
+            raise EwError(f"batch_size must be at least 1, got {batch_size}")
+        encodings = self._tokenizer.encode_batch(list(texts))
+        count = len(encodings)
+        lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=count)
+        truncated = np.fromiter((bool(e.overflowing) for e in encodings), dtype=bool, count=count)
+        vectors = np.empty((count, self.num_layers + 1, self.dim), dtype=np.float32)
+        order = np.argsort(-lengths, kind="stable")  # longest first: the first batch shows any memory problem at once
+        for start in range(0, count, batch_size):
+            rows = order[start : start + batch_size]
+            vectors[rows] = self._run([encodings[i] for i in rows], int(lengths[rows].max()))
+        return EncodedBatch(vectors=vectors, truncated=truncated)
+
+    def _run(self, encodings: list, width: int) -> np.ndarray:
+        ids = np.full((len(encodings), width), self._pad_id, dtype=np.int64)  # (B, T)
+        mask = np.zeros((len(encodings), width), dtype=np.int64)
+        types = np.zeros((len(encodings), width), dtype=np.int64)
+        for row, encoding in enumerate(encodings):
+            n = len(encoding.ids)
+            ids[row, :n] = encoding.ids
+            mask[row, :n] = 1
+            types[row, :n] = encoding.type_ids
+        feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+        (pooled,) = self._session.run([OUTPUT_NAME], {name: feeds[name] for name in self._input_names})
+        return pooled  # (B, num_layers + 1, dim)
+
+
+def _read_card(artifact_dir: Path) -> dict:
+    try:
+        card = json.loads((artifact_dir / CARD_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ArtifactError(artifact_dir, f"{CARD_FILE} cannot be read as JSON ({error})") from error
+    if not isinstance(card, dict):
+        raise ArtifactError(artifact_dir, f"{CARD_FILE} is not a JSON object")
+    missing = [field for field in _CARD_FIELDS if field not in card]
+    if missing:
+        raise ArtifactError(artifact_dir, f"{CARD_FILE} lacks {', '.join(missing)}")
+    return card

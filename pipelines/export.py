@@ -1,0 +1,296 @@
+"""Export a Hugging Face encoder to one ONNX graph that returns every layer's pooled vector.
+
+The graph takes ``input_ids``, ``attention_mask`` (and ``token_type_ids`` when the model has
+them), int64 ``[batch, sequence]``, and returns ``pooled``: float32 ``[batch, num_layers + 1, dim]``,
+layer 0 being the embedding output. The export is checked against torch before it is kept.
+
+torch and transformers are imported only when :func:`export_model` runs: inference never needs them.
+
+>>> report = export_model(resolve_model("minilm"), Path("artifacts/minilm"))   # doctest: +SKIP
+>>> report.max_abs_diff < report.tolerance                                     # doctest: +SKIP
+True
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.encoder import CARD_FILE, INPUT_NAMES, MODEL_FILE, OUTPUT_NAME, TOKENIZER_FILE, Encoder, usable_cores
+from pipelines.models import EXPORT_FORMAT, ModelSource
+from warehouse.errors import EwError, ExportError, MissingDependencyError
+
+OPSET = 17
+# Different lengths in one padded batch, one long enough to reach max_length: padding,
+# masking and every position embedding are all exercised by the check.
+SAMPLE_TEXTS = (
+    "A short one.",
+    "Real-time strategy game of ancient warfare, free and open source.",
+    "",
+    "Library for reading and writing Delta Lake tables; command-line tools and Python bindings included.",
+    "Naïve café résumé — unicode, punctuation!? and numbers 12345 mixed in.",
+    " ".join(["The embedding warehouse runs the encoder once per document and keeps every layer."] * 60),
+)
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    key: str
+    path: Path  # the artifact directory
+    max_abs_diff: float  # largest |onnxruntime - torch| over every layer of the sample batch
+    tolerance: float
+    seconds: float  # how long the export took (when reused: the original export's time)
+    onnx_bytes: int
+    reused: bool = False  # the artifact already existed and was not rebuilt
+
+
+def export_model(source: ModelSource, dest: Path, *, tolerance: float = 1e-4) -> ExportReport:
+    """Write the artifact directory ``dest`` (model.onnx, tokenizer.json, model.json) for ``source``.
+
+    The directory appears complete or not at all: it is built next to ``dest`` and renamed into
+    place. If ``dest`` already holds this model, it is reused as is.
+    """
+    dest = Path(dest)
+    if (dest / CARD_FILE).is_file():
+        return _reuse(source, dest)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise ExportError(f"{dest} exists but holds no {CARD_FILE}: remove it or choose another destination")
+    if not tolerance >= 0:
+        raise ExportError(f"tolerance must be a number >= 0, got {tolerance!r}")
+    torch, transformers = _train_modules()
+
+    started = time.perf_counter()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
+    try:
+        card = _build(source, build, tolerance=tolerance, torch=torch, transformers=transformers, started=started)
+        if dest.is_dir():
+            dest.rmdir()  # an empty directory, checked above
+        os.rename(build, dest)
+    except OSError as error:
+        shutil.rmtree(build, ignore_errors=True)
+        if (dest / CARD_FILE).is_file():  # another process exported the same model meanwhile
+            return _reuse(source, dest)
+        raise ExportError(f"could not write {dest}: {error}") from error
+    except BaseException:
+        shutil.rmtree(build, ignore_errors=True)
+        raise
+    return _report(card, dest, reused=False)
+
+
+def _build(source: ModelSource, build: Path, *, tolerance: float, torch, transformers, started: float) -> dict:
+    try:
+        transformers.logging.disable_progress_bar()  # a progress bar per export is noise in the CLI
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(source.path), use_fast=True)
+        if not tokenizer.is_fast:
+            raise ExportError(f"{source.name} has no fast tokenizer: ew tokenizes with the `tokenizers` library")
+        _save_backend_tokenizer(tokenizer, build / TOKENIZER_FILE)
+        # Eager attention exports as plain MatMul/Softmax, the pattern onnxruntime's optimizer fuses.
+        model = transformers.AutoModel.from_pretrained(str(source.path), attn_implementation="eager", dtype=torch.float32)
+        model.eval()
+        input_names = [n for n in INPUT_NAMES if n in inspect.signature(model.forward).parameters]
+        batch = tokenizer(
+            list(SAMPLE_TEXTS), padding=True, truncation=True, max_length=source.max_length, return_tensors="pt"
+        )
+        inputs = tuple(batch[n] if n in batch else torch.zeros_like(batch["input_ids"]) for n in input_names)
+        pooled_layers = _pooled_layers(torch, model, source.pooling)
+        with torch.inference_mode():
+            expected = pooled_layers(*inputs).numpy()  # (B, num_layers + 1, dim)
+        if expected.shape[1:] != (source.num_layers + 1, source.dim):
+            raise ExportError(
+                f"{source.name} returned {expected.shape[1] - 1} layers of {expected.shape[2]} dims, "
+                f"but its config says {source.num_layers} of {source.dim}"
+            )
+        _check_tokenizer(build / TOKENIZER_FILE, batch, source)
+
+        raw = build / "raw.onnx"
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # tracer warnings about Python control flow in transformers
+            torch.onnx.export(
+                pooled_layers,
+                inputs,
+                str(raw),
+                input_names=input_names,
+                output_names=[OUTPUT_NAME],
+                dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in input_names}, OUTPUT_NAME: {0: "batch"}},
+                opset_version=OPSET,
+                do_constant_folding=True,
+                # The legacy exporter needs no onnxscript and is several times faster than dynamo here.
+                dynamo=False,
+            )
+        fused = build / "fused.onnx"
+        candidates = [fused, raw] if _fuse(raw, fused, source) else [raw]
+    except EwError:
+        raise
+    except Exception as error:  # torch/transformers/onnx failures: report them as an export failure
+        raise ExportError(f"exporting {source.name} ({source.path}) to ONNX failed: {error}") from error
+
+    card = _card(source, input_names, pad_token_id=tokenizer.pad_token_id, torch=torch, transformers=transformers)
+    diffs = []
+    for candidate in candidates:
+        os.replace(candidate, build / MODEL_FILE)
+        _write_json(build / CARD_FILE, card)
+        encoded = Encoder.load(build, threads=usable_cores()).encode(list(SAMPLE_TEXTS), batch_size=len(SAMPLE_TEXTS))
+        diffs.append(float(np.abs(encoded.vectors - expected).max()))
+        if diffs[-1] <= tolerance:
+            break
+    else:
+        raise ExportError(
+            f"the ONNX export of {source.name} disagrees with torch: max abs diff {min(diffs):.3g} "
+            f"over all layers exceeds the tolerance {tolerance:g}; pass a larger tolerance only if that is acceptable"
+        )
+    for leftover in (raw, fused):
+        leftover.unlink(missing_ok=True)
+    card.update(
+        max_abs_diff=diffs[-1],
+        tolerance=tolerance,
+        # Whether onnxruntime's transformer fusions (attention, layer norm, gelu) are in the stored graph.
+        fused=candidate == fused,
+        export_seconds=round(time.perf_counter() - started, 3),
+    )
+    _write_json(build / CARD_FILE, card)
+    return card
+
+
+def _pooled_layers(torch, model, pooling: str):
+    """Wrap ``model`` so that one positional call returns (B, num_layers + 1, dim) pooled vectors.
+
+    Positional, because the legacy exporter passes inputs positionally and BertModel.forward's
+    positional order is not (input_ids, attention_mask, token_type_ids).
+    """
+
+    class PooledLayers(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, token_type_ids=None):
+            extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **extra)
+            hidden = torch.stack(out.hidden_states, dim=1)  # (B, L+1, T, D)
+            if pooling == "cls":
+                return hidden[:, :, 0]
+            # Exactly sentence-transformers' mean pooling: masked sum / clamped token count.
+            mask = attention_mask.to(hidden.dtype)[:, None, :, None]  # (B, 1, T, 1)
+            return (hidden * mask).sum(dim=2) / torch.clamp(mask.sum(dim=2), min=1e-9)
+
+    return PooledLayers().eval()
+
+
+def _fuse(raw: Path, fused: Path, source: ModelSource) -> bool:
+    """Apply onnxruntime's BERT fusions; False when they do not apply (verification decides if they are kept)."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    config = json.loads((source.path / "config.json").read_text(encoding="utf-8"))
+    try:
+        # opt_level=0: only graph fusions are stored; onnxruntime adds its machine-specific ones at load.
+        optimized = optimize_model(
+            str(raw),
+            model_type="bert",
+            num_heads=int(config.get("num_attention_heads", 0)),
+            hidden_size=source.dim,
+            opt_level=0,
+        )
+        optimized.save_model_to_file(str(fused), use_external_data_format=False)
+    except Exception:  # an architecture the optimizer does not know: the plain graph is still correct
+        return False
+    return True
+
+
+def _save_backend_tokenizer(tokenizer, path: Path) -> None:
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())  # a copy: leave transformers' object alone
+    backend.no_truncation()  # the encoder sets max_length from the card and pads per batch
+    backend.no_padding()
+    backend.save(str(path))
+
+
+def _check_tokenizer(path: Path, batch, source: ModelSource) -> None:
+    """The `tokenizers` file must give the ids transformers gave, or the verification compares different inputs."""
+    from tokenizers import Tokenizer
+
+    standalone = Tokenizer.from_file(str(path))
+    standalone.enable_truncation(source.max_length)
+    for text, ids, mask in zip(SAMPLE_TEXTS, batch["input_ids"].tolist(), batch["attention_mask"].tolist()):
+        expected = [i for i, m in zip(ids, mask) if m]
+        if standalone.encode(text).ids != expected:
+            raise ExportError(f"{source.name}: tokenizer.json tokenizes {text[:40]!r} differently from transformers")
+
+
+def _card(source: ModelSource, input_names: list[str], *, pad_token_id, torch, transformers) -> dict:
+    import onnx
+    import onnxruntime
+
+    return {
+        "key": source.key,
+        "name": source.name,
+        "source": source.source,
+        "fingerprint": source.fingerprint,
+        "export_format": EXPORT_FORMAT,
+        "pooling": source.pooling,
+        "max_length": source.max_length,
+        "precision": source.precision,
+        "dim": source.dim,
+        "num_layers": source.num_layers,
+        "input_names": input_names,
+        "output_name": OUTPUT_NAME,
+        "pad_token_id": int(pad_token_id or 0),
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__,
+        },
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _reuse(source: ModelSource, dest: Path) -> ExportReport:
+    try:
+        card = json.loads((dest / CARD_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ExportError(f"{dest / CARD_FILE} cannot be read ({error}): remove {dest} and export again") from error
+    if card.get("key") != source.key:
+        raise ExportError(
+            f"{dest} already holds model {card.get('key')!r}, not {source.key!r}: choose another destination"
+        )
+    return _report(card, dest, reused=True)
+
+
+def _report(card: dict, dest: Path, *, reused: bool) -> ExportReport:
+    model_file = dest / MODEL_FILE
+    return ExportReport(
+        key=card["key"],
+        path=dest,
+        max_abs_diff=float(card.get("max_abs_diff", float("nan"))),
+        tolerance=float(card.get("tolerance", float("nan"))),
+        seconds=float(card.get("export_seconds", 0.0)),
+        onnx_bytes=model_file.stat().st_size if model_file.is_file() else 0,
+        reused=reused,
+    )
+
+
+def _train_modules():
+    """(torch, transformers), or a MissingDependencyError naming the extra to install."""
+    modules = []
+    for name in ("torch", "transformers", "onnx"):
+        try:
+            modules.append(importlib.import_module(name))
+        except ImportError as error:
+            raise MissingDependencyError(name, "train", "exporting a model to ONNX") from error
+    return modules[0], modules[1]
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
