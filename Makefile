@@ -32,6 +32,8 @@ demo: $(STAMP) ## Ingest the example corpus with MiniLM, query it, fit a head on
 	$(BIN)/ew -w $(DEMO_WAREHOUSE) ingest examples/debian_sample.jsonl --model minilm
 	$(BIN)/ew -w $(DEMO_WAREHOUSE) query "select d.section, count(*) as documents, count(distinct e.doc_hash) as embedded from documents d join embeddings e using (doc_hash) where e.layer = 6 group by all order by documents desc limit 10"
 	$(BIN)/ew -w $(DEMO_WAREHOUSE) ingest examples/debian_sample.jsonl --model minilm
+	$(BIN)/ew -w $(DEMO_WAREHOUSE) fit-head --label section --name demo-section
+	$(BIN)/ew -w $(DEMO_WAREHOUSE) heads
 	$(BIN)/ew -w $(DEMO_WAREHOUSE) log
 
 bench: $(STAMP) ## Measure ew beside sentence-transformers and scikit-learn (writes bench/results/*.json)

@@ -14,12 +14,12 @@ import json
 import math
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from warehouse import Warehouse
 from warehouse.errors import EwError, HeadError
-from warehouse.query import usable_cores
 from warehouse.splits import DocumentFilter, LabelledVectors, SplitSpec
 from warehouse.store import now_utc
 from warehouse.tables import HEADS
@@ -117,10 +117,7 @@ def fit_head(
     embedded = ensure_vectors(warehouse, documents, model_key=key, layer=layer, pooling=pooling,
                               threads=threads, operation="embed-for-head")
 
-    import torch
-
-    torch.set_num_threads(threads or usable_cores())
-    with LabelledVectors(warehouse, model=key, layer=layer, pooling=pooling, label=label, spec=spec,
+    with _one_torch_thread(), LabelledVectors(warehouse, model=key, layer=layer, pooling=pooling, label=label, spec=spec,
                          corpus=corpus, where=where, memory_limit=memory_limit, threads=threads) as data:
         _check_splits(data, label)
         train_started = time.perf_counter()
@@ -183,6 +180,20 @@ def fit_head(
             epochs=len(trained.history), best_epoch=trained.best_epoch, train_seconds=round(train_seconds, 3),
             seconds=round(time.perf_counter() - started, 3), version=data.version, metrics=metrics.to_dict(),
         )
+
+
+@contextmanager
+def _one_torch_thread():
+    """A head is a few thousand weights: one thread trains it fastest and leaves the other cores
+    to DuckDB streaming the next batches (more threads only spin against each other)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _check_splits(data: LabelledVectors, label: str) -> None:

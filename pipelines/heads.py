@@ -17,11 +17,13 @@ torch is needed only to train (:func:`build_head`); :func:`load_head` and
 from __future__ import annotations
 
 import json
+import operator
 import os
 import shutil
 import tempfile
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields
+from numbers import Real
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,12 +59,18 @@ class HeadConfig:
             raise HeadError(f"unknown activation {self.activation!r}: choose one of {', '.join(ACTIVATIONS)}")
         for name in ("input_dim", "num_classes", "hidden"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            try:
+                number = operator.index(value)  # accepts NumPy integers, refuses 3.0 and "3"
+            except TypeError:
+                number = 0
+            if isinstance(value, bool) or number < 1:
                 raise HeadError(f"head {name} must be a positive integer, got {value!r}")
+            object.__setattr__(self, name, int(number))  # plain int, so asdict() stays JSON-ready
         if self.num_classes < 2:
             raise HeadError(f"a classifier head needs at least 2 classes, got {self.num_classes}")
-        if not 0.0 <= self.dropout < 1.0:
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, Real) or not 0.0 <= self.dropout < 1.0:
             raise HeadError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        object.__setattr__(self, "dropout", float(self.dropout))
 
     def weight_shapes(self) -> dict[str, tuple[int, ...]]:
         """The tensors a head of this config holds, by state-dict name."""
@@ -128,7 +136,7 @@ def _check_classes(card: dict, config: HeadConfig, where: str) -> None:
     if "classes" not in card:
         return
     classes = card["classes"]
-    if not isinstance(classes, list) or not all(isinstance(label, str) for label in classes):
+    if not isinstance(classes, (list, tuple)) or not all(isinstance(label, str) for label in classes):
         raise HeadError(f"{where}: card 'classes' must be a list of strings")
     if len(classes) != config.num_classes:
         raise HeadError(f"{where}: card lists {len(classes)} classes, the head has {config.num_classes} outputs")
@@ -154,6 +162,8 @@ def save_head(directory: Path, module: "torch.nn.Module", *, config: HeadConfig,
     _check_weights(weights, config, f"head to save at {directory}")
     _check_classes(card, config, f"head to save at {directory}")
     full_card = {**card, "config": asdict(config), "format": FORMAT, "parameters": config.parameters}
+    if "classes" in full_card:
+        full_card["classes"] = list(full_card["classes"])
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
     try:

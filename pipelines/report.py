@@ -28,6 +28,14 @@ def _short(label: str) -> str:
     return label if len(label) <= LABEL_CHARS else label[: LABEL_CHARS - 1] + "\u2026"
 
 
+def _tick_fontsize(num_classes: int) -> int:
+    return 9 if num_classes <= 20 else 8 if num_classes <= 40 else 7
+
+
+def _row_labels(metrics: Metrics) -> list[str]:
+    return [f"{_short(item.label)} ({item.support})" for item in metrics.per_class]
+
+
 def _plot_curves(axes, history: Sequence[EpochStats]) -> None:
     if not history:
         axes.text(0.5, 0.5, "no epochs recorded", ha="center", va="center", transform=axes.transAxes)
@@ -54,18 +62,17 @@ def _plot_curves(axes, history: Sequence[EpochStats]) -> None:
         axes.set_xticks(epochs)
 
 
-def _plot_confusion(figure, axes, metrics: Metrics) -> None:
+def _plot_confusion(figure, axes, colorbar_axes, metrics: Metrics) -> None:
     confusion = metrics.confusion.astype(np.float64)  # (C, C)
     support = confusion.sum(axis=1, keepdims=True)  # (C, 1)
     normalised = np.divide(confusion, support, out=np.zeros_like(confusion), where=support > 0)
     num_classes = confusion.shape[0]
     image = axes.imshow(normalised, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest", aspect="auto")
-    labels = [f"{_short(item.label)} ({item.support})" for item in metrics.per_class]
-    fontsize = 9 if num_classes <= 20 else 8 if num_classes <= 40 else 7
+    fontsize = _tick_fontsize(num_classes)
     axes.set_xticks(range(num_classes))
     axes.set_yticks(range(num_classes))
     axes.set_xticklabels([_short(item.label) for item in metrics.per_class], rotation=90, fontsize=fontsize)
-    axes.set_yticklabels(labels, fontsize=fontsize)
+    axes.set_yticklabels(_row_labels(metrics), fontsize=fontsize)
     axes.set_xlabel("predicted")
     axes.set_ylabel("true (rows)")
     axes.set_title("confusion matrix, normalised by row (recall on the diagonal)", fontsize=10)
@@ -78,7 +85,7 @@ def _plot_confusion(figure, axes, metrics: Metrics) -> None:
                         col, row, f"{value:.0%}", ha="center", va="center", fontsize=7,
                         color="white" if value > 0.5 else "black",
                     )
-    figure.colorbar(image, ax=axes, fraction=0.035, pad=0.02)
+    figure.colorbar(image, cax=colorbar_axes)
 
 
 def write_report(path: Path, *, history: Sequence[EpochStats], metrics: Metrics, title: str) -> Path:
@@ -90,28 +97,43 @@ def write_report(path: Path, *, history: Sequence[EpochStats], metrics: Metrics,
         raise MissingDependencyError("matplotlib", "train", "writing the PNG report") from None
 
     path = Path(path)
+    # Laid out by hand in inches: a tight or constrained layout draws every tick label again,
+    # which doubles the time with 60 classes.
     num_classes = metrics.confusion.shape[0]
     matrix_side = max(4.0, CELL * num_classes)
-    longest = max((len(_short(item.label)) for item in metrics.per_class), default=4)
-    label_room = 0.6 + 0.07 * longest  # inches for tick labels at the small font sizes
-    width = max(9.0, matrix_side + label_room + 1.5)
-    height = CURVES_HEIGHT + matrix_side + label_room + 1.2
-    figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    longest = max((len(label) for label in _row_labels(metrics)), default=4)
+    # tick labels at ~0.6 em per character, plus the axis label
+    label_room = 0.5 + longest * 0.6 * _tick_fontsize(num_classes) / 72
+    width = max(9.0, label_room + matrix_side + 1.2)
+    height = 0.9 + CURVES_HEIGHT + 1.1 + matrix_side + label_room
+    figure = Figure(figsize=(width, height), dpi=100)
     FigureCanvasAgg(figure)
+
+    def axes_at(left: float, top: float, axes_width: float, axes_height: float):
+        """Axes placed by its top-left corner, in inches from the figure's top-left."""
+        return figure.add_axes(
+            (left / width, 1.0 - (top + axes_height) / height, axes_width / width, axes_height / height)
+        )
+
     figure.suptitle(
         f"{title}\naccuracy {metrics.accuracy:.3f} \u00b7 macro-F1 {metrics.macro_f1:.3f} \u00b7 {metrics.rows} rows",
         fontsize=12,
+        y=1.0 - 0.15 / height,
+        va="top",
     )
-    curves_axes, confusion_axes = figure.subplots(
-        2, 1, gridspec_kw={"height_ratios": [CURVES_HEIGHT, matrix_side + label_room]}
+    _plot_curves(axes_at(0.9, 0.9, width - 1.9, CURVES_HEIGHT), history)
+    matrix_top = 0.9 + CURVES_HEIGHT + 1.1
+    _plot_confusion(
+        figure,
+        axes_at(label_room, matrix_top, matrix_side, matrix_side),
+        axes_at(label_room + matrix_side + 0.2, matrix_top, 0.2, matrix_side),
+        metrics,
     )
-    _plot_curves(curves_axes, history)
-    _plot_confusion(figure, confusion_axes, metrics)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        figure.savefig(temporary, format="png", bbox_inches="tight")  # never clip a long label
+        figure.savefig(temporary, format="png")
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)

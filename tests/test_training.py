@@ -7,10 +7,24 @@ import numpy as np
 import pytest
 import torch
 
+from pipelines.heads import load_head, save_head
 from pipelines.training import TrainConfig, predict_batches, prefetch, train_head
 from warehouse.errors import HeadError
 
 DIM, CLASSES = 16, 3
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    # Tiny matmuls gain nothing from intra-op threads, and on a busy 2-core machine
+    # OpenMP workers waiting on each other can make a 1-second test take 30.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def blobs(rows: int, *, seed: int, spread: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
@@ -49,6 +63,14 @@ def test_learns_separable_blobs():
     np.testing.assert_array_equal(y_true, val[1])
     assert (y_true == y_pred).mean() > 0.95
     assert not result.module.training
+
+
+def test_saved_head_predicts_like_the_trained_module(tmp_path):
+    train, val = blobs(300, seed=1), blobs(100, seed=2)
+    result = fit(train, val, epochs=2)
+    directory = save_head(tmp_path / "blobs", result.module, config=result.config, card={"classes": ["a", "b", "c"]})
+    _, y_pred = predict_batches(result.module, batched(*val))
+    np.testing.assert_array_equal(load_head(directory).predict(val[0]), y_pred)
 
 
 @pytest.mark.parametrize("kind", ["mlp", "linear"])

@@ -1,0 +1,104 @@
+import gzip
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipelines.encoder import ArtifactError, EncodedBatch, Encoder
+from warehouse.errors import EwError
+
+REPO = Path(__file__).resolve().parents[1]
+DEBIAN = Path("/work/shared/data/debian_packages.jsonl.gz")
+TEXTS = [
+    "a game",
+    "the python library for data files and text in the warehouse of the model layer",
+    "",
+    "tool",
+    "data and text and files and tools for python with a game on the layer",
+]
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_artifact) -> Encoder:
+    return Encoder.load(tiny_artifact, threads=1)
+
+
+def test_encode_returns_every_layer_in_input_order(encoder):
+    result = encoder.encode(TEXTS, batch_size=2)
+    assert isinstance(result, EncodedBatch)
+    assert result.vectors.shape == (5, 3, 32) and result.vectors.dtype == np.float32
+    # Batches are formed by token length; each row must still belong to its own text.
+    for text, row in zip(TEXTS, result.vectors):
+        np.testing.assert_allclose(row, encoder.encode([text]).vectors[0], atol=1e-5)
+
+
+def test_batch_size_does_not_change_vectors(encoder):
+    one_batch = encoder.encode(TEXTS, batch_size=32).vectors
+    np.testing.assert_allclose(encoder.encode(TEXTS, batch_size=1).vectors, one_batch, atol=1e-5)
+
+
+def test_texts_longer_than_max_length_are_flagged(encoder):
+    texts = ["the game", "the " * 14, "the " * 15, "data " * 500]  # max_length 16 = 14 words + [CLS] + [SEP]
+    result = encoder.encode(texts)
+    assert result.truncated.tolist() == [False, False, True, True]
+    lengths, truncated = encoder.token_lengths(texts)
+    assert lengths.tolist() == [4, 16, 16, 16] and truncated.tolist() == result.truncated.tolist()
+
+
+def test_empty_input_gives_empty_arrays(encoder):
+    result = encoder.encode([])
+    assert result.vectors.shape == (0, 3, 32) and result.truncated.shape == (0,)
+
+
+def test_attributes_come_from_the_card(encoder):
+    assert (encoder.dim, encoder.num_layers, encoder.max_length, encoder.pooling) == (32, 2, 16, "mean")
+    assert encoder.key == encoder.card["key"]
+
+
+@pytest.mark.parametrize("damage", ["model.json", "model.onnx", "tokenizer.json"])
+def test_missing_or_corrupt_artifact_raises(tiny_artifact, tmp_path, damage):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_artifact, broken)
+    (broken / damage).write_bytes(b"not what it should be")
+    with pytest.raises(ArtifactError, match=damage):
+        Encoder.load(broken)
+    (broken / damage).unlink()
+    with pytest.raises(ArtifactError, match=f"{damage} is missing"):
+        Encoder.load(broken)
+
+
+def test_no_artifact_directory_raises_an_ew_error(tmp_path):
+    with pytest.raises(EwError, match="is missing"):
+        Encoder.load(tmp_path / "nothing-here")
+
+
+def test_inference_never_imports_torch_or_transformers(tiny_artifact):
+    script = (
+        "import sys\n"
+        "from pipelines.encoder import Encoder\n"
+        f"Encoder.load({str(tiny_artifact)!r}).encode(['a game', 'the data'])\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.slow
+def test_minilm_matches_sentence_transformers(tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    from pipelines.export import export_model
+    from pipelines.models import resolve_model
+
+    source = resolve_model("minilm")
+    report = export_model(source, tmp_path / source.key)
+    with gzip.open(DEBIAN, "rt") as lines:
+        texts = [json.loads(line)["text"] for _, line in zip(range(64), lines)]
+    ours = Encoder.load(report.path).encode(texts).vectors[:, -1]  # last layer, mean pooled
+    theirs = SentenceTransformer(str(source.path), device="cpu").encode(texts)
+    cosine = (ours * theirs).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(theirs, axis=1)
+    assert cosine.min() >= 0.9999
