@@ -183,6 +183,7 @@ def models(ctx: click.Context, available: bool, version: int | None, as_json: bo
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the split, the shuffling and the weights.")
 @click.option("--split", default="80,10,10", show_default=True, help="train,val,test percentages.")
 @click.option("--name", help="Head name (default: LABEL-TIMESTAMP).")
+@click.option("--version", "version", type=click.IntRange(min=0), help="Train on this warehouse version (embeds nothing).")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: all usable cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 @click.pass_context

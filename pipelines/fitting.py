@@ -91,8 +91,13 @@ def fit_head(
     name: str | None = None,
     threads: int | None = None,
     memory_limit: str = "512MB",
+    version: int | None = None,
 ) -> FitResult:
-    """Train a head predicting ``label`` from the stored vectors of one model and layer."""
+    """Train a head predicting ``label`` from the stored vectors of one model and layer.
+
+    With ``version``, trains on that pinned warehouse version and embeds nothing; by default
+    it reads the latest version after embedding the labelled documents that lack vectors.
+    """
     started = time.perf_counter()
     from .metrics import classification_metrics
     from .report import write_report
@@ -114,11 +119,14 @@ def fit_head(
                          weight_decay=weight_decay, seed=seed, patience=patience)
 
     documents = DocumentFilter(label=label, corpus=corpus, where=where)
-    embedded = ensure_vectors(warehouse, documents, model_key=key, layer=layer, pooling=pooling,
-                              threads=threads, operation="embed-for-head")
+    embedded = 0
+    if version is None:
+        embedded = ensure_vectors(warehouse, documents, model_key=key, layer=layer, pooling=pooling,
+                                  threads=threads, operation="embed-for-head")
 
     with _one_torch_thread(), LabelledVectors(warehouse, model=key, layer=layer, pooling=pooling, label=label, spec=spec,
-                         corpus=corpus, where=where, memory_limit=memory_limit, threads=threads) as data:
+                         corpus=corpus, where=where, memory_limit=memory_limit, threads=threads,
+                         version=version) as data:
         _check_splits(data, label)
         train_started = time.perf_counter()
         trained = train_head(

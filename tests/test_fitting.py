@@ -38,11 +38,15 @@ def test_same_seed_same_head(warehouse_copy):
 def test_fit_head_embeds_only_what_is_missing_and_reuses_the_rest(warehouse_copy, tmp_path, tiny_bert_dir):
     extra = tmp_path / "extra.jsonl"
     extra.write_text("".join(json.dumps({"id": f"x{i}", "text": f"extra text {i}", "section": "libs"}) + "\n" for i in range(10)))
+    before = warehouse_copy.latest_version()
     ingest(warehouse_copy, extra, model=str(tiny_bert_dir), layers="0")
     result = fit_head(warehouse_copy, label="section", name="grown", epochs=2)
     assert result.embedded == 10 and result.reused > 0
     again = fit_head(warehouse_copy, label="section", name="again", epochs=2)
     assert again.embedded == 0 and again.reused == result.reused + 10
+    pinned = fit_head(warehouse_copy, label="section", name="pinned", epochs=2, version=before)
+    assert pinned.version == before and pinned.embedded == 0
+    assert pinned.train + pinned.val + pinned.test == result.reused
 
 
 def test_json_summary_and_errors(warehouse_copy):
