@@ -157,14 +157,16 @@ def embedding_rows(
     return pa.concat_tables(tables) if tables else pa.table({})
 
 
-def documents_rows(corpus: str, records: Sequence[Record], keys: Sequence[str], field_types: FieldTypes) -> pa.Table:
+def documents_rows(
+    corpus: str, records: Sequence[Record], keys: Sequence[str], fingerprints: Sequence[str], field_types: FieldTypes
+) -> pa.Table:
     ingested_at = now_utc()
     columns: dict[str, pa.Array] = {
         "corpus": pa.array([corpus] * len(records), pa.string()),
         "id": pa.array([r.id for r in records], pa.string()),
         "doc_hash": pa.array(keys, pa.string()),
         "text": pa.array([r.text for r in records], pa.string()),
-        "record_hash": pa.array([_record_hash(r) for r in records], pa.string()),
+        "record_hash": pa.array(fingerprints, pa.string()),
         "ingested_at": pa.array([ingested_at] * len(records), TIMESTAMP),
     }
     for field in field_types.schema():
@@ -393,14 +395,17 @@ class _Run:
             self.embedded += len(encode_keys)
             self.truncated += int(truncated.sum())
 
-        changed = [i for i, r in enumerate(records) if self.existing.get(r.id) != _record_hash(r)]
-        documents = documents_rows(self.corpus, [records[i] for i in changed], [keys[i] for i in changed], field_types)
+        fingerprints = [_record_hash(r) for r in records]
+        changed = [i for i, r in enumerate(records) if self.existing.get(r.id) != fingerprints[i]]
+        documents = documents_rows(
+            self.corpus, [records[i] for i in changed], [keys[i] for i in changed], [fingerprints[i] for i in changed], field_types
+        )
         for i in changed:
             if records[i].id in self.existing:
                 self.updated_documents += 1
             else:
                 self.new_documents += 1
-            self.existing[records[i].id] = _record_hash(records[i])
+            self.existing[records[i].id] = fingerprints[i]
         if embeddings.num_rows == 0 and documents.num_rows == 0:
             return None
         detail = {
