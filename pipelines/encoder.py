@@ -27,7 +27,7 @@ TOKENIZER_FILE = "tokenizer.json"
 CARD_FILE = "model.json"
 OUTPUT_NAME = "pooled"
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")  # the graph takes a subset, in this order
-_CARD_FIELDS = ("key", "pooling", "max_length", "dim", "num_layers", "input_names")
+_CARD_FIELDS = ("key", "pooling", "max_length", "dim", "num_layers", "input_names")  # what inference reads
 
 
 class ArtifactError(EwError):
@@ -90,7 +90,7 @@ class Encoder:
         artifact_dir = Path(artifact_dir)
         threads = usable_cores() if threads is None else threads
         if threads < 1:
-            raise ArtifactError(artifact_dir, f"threads must be at least 1, got {threads}")
+            raise EwError(f"threads must be at least 1, got {threads}")
         for name in (CARD_FILE, MODEL_FILE, TOKENIZER_FILE):
             if not (artifact_dir / name).is_file():
                 raise ArtifactError(artifact_dir, f"{name} is missing")
@@ -122,9 +122,7 @@ class Encoder:
 
     def token_lengths(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """(tokens each text gets after truncation, whether it was truncated)."""
-        encodings = self._tokenizer.encode_batch(list(texts))
-        lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
-        truncated = np.fromiter((bool(e.overflowing) for e in encodings), dtype=bool, count=len(encodings))
+        _, lengths, truncated = self._tokenize(texts)
         return lengths, truncated
 
     def encode(self, texts: Sequence[str], *, batch_size: int = 32) -> EncodedBatch:
@@ -135,16 +133,19 @@ class Encoder:
         """
         if batch_size < 1:
             raise EwError(f"batch_size must be at least 1, got {batch_size}")
-        encodings = self._tokenizer.encode_batch(list(texts))
-        count = len(encodings)
-        lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=count)
-        truncated = np.fromiter((bool(e.overflowing) for e in encodings), dtype=bool, count=count)
-        vectors = np.empty((count, self.num_layers + 1, self.dim), dtype=np.float32)
-        order = np.argsort(-lengths, kind="stable")  # longest first: the first batch shows any memory problem at once
-        for start in range(0, count, batch_size):
+        encodings, lengths, truncated = self._tokenize(texts)
+        vectors = np.empty((len(encodings), self.num_layers + 1, self.dim), dtype=np.float32)
+        order = np.argsort(-lengths, kind="stable")  # longest first: a memory problem shows in the first batch
+        for start in range(0, len(encodings), batch_size):
             rows = order[start : start + batch_size]
             vectors[rows] = self._run([encodings[i] for i in rows], int(lengths[rows].max()))
         return EncodedBatch(vectors=vectors, truncated=truncated)
+
+    def _tokenize(self, texts: Sequence[str]) -> tuple[list, np.ndarray, np.ndarray]:
+        encodings = self._tokenizer.encode_batch(list(texts))
+        lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
+        truncated = np.fromiter((bool(e.overflowing) for e in encodings), dtype=bool, count=len(encodings))
+        return encodings, lengths, truncated
 
     def _run(self, encodings: list, width: int) -> np.ndarray:
         ids = np.full((len(encodings), width), self._pad_id, dtype=np.int64)  # (B, T)
@@ -170,4 +171,7 @@ def _read_card(artifact_dir: Path) -> dict:
     missing = [field for field in _CARD_FIELDS if field not in card]
     if missing:
         raise ArtifactError(artifact_dir, f"{CARD_FILE} lacks {', '.join(missing)}")
+    wrong = [f for f in ("max_length", "dim", "num_layers") if not isinstance(card[f], int) or card[f] < 1]
+    if wrong or not isinstance(card["input_names"], list):
+        raise ArtifactError(artifact_dir, f"{CARD_FILE} has invalid {', '.join(wrong) or 'input_names'}")
     return card

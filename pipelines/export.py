@@ -70,8 +70,11 @@ def export_model(source: ModelSource, dest: Path, *, tolerance: float = 1e-4) ->
     torch, transformers = _train_modules()
 
     started = time.perf_counter()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    build = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        build = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
+    except OSError as error:
+        raise ExportError(f"cannot write next to {dest}: {error}") from error
     try:
         card = _build(source, build, tolerance=tolerance, torch=torch, transformers=transformers, started=started)
         if dest.is_dir():

@@ -16,7 +16,8 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789.,!?'-")
-    vocab = {token: i for i, token in enumerate(specials + TINY_WORDS + letters + ["##" + c for c in letters])}
+    tokens = dict.fromkeys(specials + TINY_WORDS + letters + ["##" + c for c in letters])  # unique, in order
+    vocab = {token: i for i, token in enumerate(tokens)}
     tokenizer = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()

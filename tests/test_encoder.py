@@ -76,10 +76,12 @@ def test_no_artifact_directory_raises_an_ew_error(tmp_path):
         Encoder.load(tmp_path / "nothing-here")
 
 
-def test_inference_never_imports_torch_or_transformers(tiny_artifact):
+def test_resolving_and_inference_never_import_torch_or_transformers(tiny_artifact, tiny_bert_dir):
     script = (
         "import sys\n"
         "from pipelines.encoder import Encoder\n"
+        "from pipelines.models import resolve_model\n"
+        f"resolve_model({str(tiny_bert_dir)!r})\n"
         f"Encoder.load({str(tiny_artifact)!r}).encode(['a game', 'the data'])\n"
         "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
     )

@@ -1,4 +1,5 @@
 import json
+import shutil
 import sys
 
 import numpy as np
@@ -103,3 +104,19 @@ def test_missing_torch_names_the_extra(tiny_bert_dir, tmp_path, monkeypatch):
     with pytest.raises(MissingDependencyError, match=r"pip install 'ew\[train\]'"):
         export_model(resolve_model(str(tiny_bert_dir)), tmp_path / "artifact")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_source_with_only_vocab_txt_gets_the_same_tokenizer(tiny_bert_dir, tiny_artifact, tmp_path):
+    from pipelines.encoder import Encoder
+
+    vocab_only = tmp_path / "vocab-only"
+    shutil.copytree(tiny_bert_dir, vocab_only)
+    (vocab_only / "tokenizer.json").unlink()
+    (vocab_only / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": 64})
+    )
+    report = export_model(resolve_model(str(vocab_only), max_length=16), tmp_path / "artifact")
+    texts = ["The Game, of python-tools!", "data files"]
+    np.testing.assert_allclose(
+        Encoder.load(report.path).encode(texts).vectors, Encoder.load(tiny_artifact).encode(texts).vectors, atol=1e-5
+    )
