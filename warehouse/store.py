@@ -24,6 +24,7 @@ from deltalake import DeltaTable, write_deltalake
 from .errors import EwError, WarehouseNotFoundError
 from .lock import write_lock
 from .tables import (
+    delta_dataset,
     DOCUMENTS,
     EMBEDDINGS,
     HEADS,
@@ -112,7 +113,7 @@ class Warehouse:
         delta = self.delta_table(table, snapshot)
         if delta is None:
             return pads.dataset(SCHEMAS[table].empty_table())
-        return delta.to_pyarrow_dataset()
+        return delta_dataset(delta, self.table_path(table))
 
     def current_dataset(self, table: str) -> pads.Dataset:
         """The table's newest Delta version, including writes no warehouse version points at yet.
@@ -122,7 +123,7 @@ class Warehouse:
         path = str(self.table_path(table))
         if not DeltaTable.is_deltatable(path):
             return pads.dataset(SCHEMAS[table].empty_table())
-        return DeltaTable(path).to_pyarrow_dataset()
+        return delta_dataset(DeltaTable(path), self.table_path(table))
 
     def query(self, sql: str, *, version: int | None = None, batch_rows: int = 8192) -> "pa.RecordBatchReader":
         """Run one sandboxed, read-only SELECT pinned to ``version``; returns a streaming reader."""
@@ -198,7 +199,7 @@ class Writer:
         return rows.num_rows
 
     def _upsert_corpus(self, path: str, corpus: str, rows: pa.Table) -> None:
-        stored = DeltaTable(path).to_pyarrow_dataset()
+        stored = delta_dataset(DeltaTable(path), Path(path))
         in_corpus = pc.field("corpus") == corpus
         stored_ids = stored.to_table(columns=["id"], filter=in_corpus).column("id")
         replaced = pc.is_in(rows.column("id"), value_set=stored_ids.combine_chunks())

@@ -5,8 +5,12 @@ Table names are part of the user contract: they are folder names on disk, view n
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
+import pyarrow.dataset as pads
+from deltalake import DeltaTable
 
 DOCUMENTS = "documents"
 EMBEDDINGS = "embeddings"
@@ -119,3 +123,21 @@ def vector_column(matrix: np.ndarray) -> pa.ListArray:
     rows, dim = matrix.shape
     offsets = pa.array(np.arange(0, (rows + 1) * dim, dim, dtype=np.int32))
     return pa.ListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(matrix, dtype=np.float32).reshape(-1)))
+
+
+def delta_dataset(table: DeltaTable, root: Path) -> pads.Dataset:
+    """A pyarrow dataset over the live Parquet files of one Delta version.
+
+    The files come from the Delta log; they are read with pyarrow's own local filesystem
+    (deltalake's dataset wraps a Python filesystem whose scanner threads can outlive the
+    interpreter and abort it at exit). Columns a file lacks (added by later writes) read as null.
+    """
+    schema = pa.schema(table.schema().to_arrow())
+    files = table.file_uris()
+    if not files:
+        return pads.dataset(schema.empty_table())
+    partitions = table.metadata().partition_columns
+    partitioning = (
+        pads.partitioning(pa.schema([schema.field(name) for name in partitions]), flavor="hive") if partitions else None
+    )
+    return pads.dataset(files, schema=schema, format="parquet", partitioning=partitioning, partition_base_dir=str(root))

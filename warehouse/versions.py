@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 from deltalake import DeltaTable
 
 from .errors import VersionNotFoundError
-from .tables import LOG, TABLES
+from .tables import LOG, TABLES, delta_dataset
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ def read_log(root: Path) -> list[LogEntry]:
     table = _log_table(root)
     if table is None:
         return []
-    rows = table.to_pyarrow_table().sort_by("version").to_pylist()
+    rows = delta_dataset(table, root / LOG).to_table().sort_by("version").to_pylist()
     return [
         LogEntry(
             version=row["version"],
@@ -77,7 +77,7 @@ def latest_version(root: Path) -> int | None:
     table = _log_table(root)
     if table is None:
         return None
-    versions = table.to_pyarrow_dataset().to_table(columns=["version"]).column("version")
+    versions = delta_dataset(table, root / LOG).to_table(columns=["version"]).column("version")
     return None if len(versions) == 0 else int(pc.max(versions).as_py())
 
 
@@ -88,7 +88,7 @@ def resolve_snapshot(root: Path, version: int | None = None) -> Snapshot:
         if version is None:
             return Snapshot.empty()
         raise VersionNotFoundError(version, None)
-    log = table.to_pyarrow_table()
+    log = delta_dataset(table, root / LOG).to_table()
     latest = int(pc.max(log.column("version")).as_py())
     wanted = latest if version is None else version
     if wanted < 0 or wanted > latest:
