@@ -21,6 +21,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from warehouse.errors import EwError
+from warehouse.query import usable_cores
 
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
@@ -45,14 +46,6 @@ class ArtifactError(EwError):
 class EncodedBatch:
     vectors: np.ndarray  # (N, num_layers + 1, dim) float32, in input order
     truncated: np.ndarray  # (N,) bool: the text had more than max_length tokens
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (respects taskset/cgroup affinity, unlike os.cpu_count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def open_session(model_file: Path, *, threads: int) -> ort.InferenceSession:
