@@ -171,6 +171,7 @@ def models(ctx: click.Context, available: bool, version: int | None, as_json: bo
 @click.option("--label", required=True, help="Field of documents to predict (e.g. section).")
 @click.option("--model", "-m", help="Registered model key, unique key prefix or alias (default: the only model stored).")
 @click.option("--layer", type=click.IntRange(min=0), help="Layer whose vectors to train on (default: the last).")
+@click.option("--pooling", type=click.Choice(["mean", "cls"]), help="Pooling of the model's vectors (default: the model's).")
 @click.option("--corpus", help="Only documents of this corpus.")
 @click.option("--where", help="Only documents matching this SQL condition on documents, e.g. \"priority = 'optional'\".")
 @click.option("--head", "kind", type=click.Choice(["mlp", "linear"]), default="mlp", show_default=True)

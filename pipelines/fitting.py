@@ -77,6 +77,7 @@ def fit_head(
     label: str,
     model: str | None = None,
     layer: int | None = None,
+    pooling: str | None = None,
     corpus: str | None = None,
     where: str | None = None,
     kind: str = "mlp",
@@ -106,7 +107,7 @@ def fit_head(
     if not isinstance(warehouse, Warehouse):
         warehouse = Warehouse.open(warehouse)
     spec = SplitSpec.parse(split, seed=seed)
-    row = find_model(warehouse, model)
+    row = find_model(warehouse, model, pooling=pooling)
     key, pooling = row["model"], row["pooling"]
     layer = row["num_layers"] if layer is None else layer
     if not 0 <= layer <= row["num_layers"]:

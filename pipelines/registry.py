@@ -99,10 +99,20 @@ def model_row(warehouse: Warehouse, key: str, *, version: int | None = None) -> 
     raise UnknownModelKeyError(key, [row["model"] for row in rows])
 
 
-def find_model(warehouse: Warehouse, name: str | None) -> dict:
-    """The registered model ``name`` refers to: its key, a unique key prefix, or an alias; the only one when None."""
-    rows = registered_models(warehouse)
+def find_model(warehouse: Warehouse, name: str | None, *, pooling: str | None = None) -> dict:
+    """The registered model ``name`` refers to: its key, a unique key prefix, or an alias; the only one when None.
+
+    ``pooling`` narrows the choice to models exported with that pooling.
+    """
+    every = registered_models(warehouse)
+    rows = [row for row in every if pooling is None or row["pooling"] == pooling]
     if not rows:
+        if every and pooling is not None:
+            registered = ", ".join(f"{row['model']} ({row['pooling']})" for row in every)
+            raise EwError(
+                f"no model with {pooling} pooling in this warehouse (registered: {registered}); "
+                f"ingest with --pooling {pooling} first"
+            )
         raise UnknownModelKeyError(name or "", [])
     if name is None:
         if len(rows) == 1:

@@ -64,5 +64,7 @@ def test_json_summary_and_errors(warehouse_copy):
         fit_head(warehouse_copy, label="section", where="section = 'nothing'", name="none")
     with pytest.raises(UnknownModelKeyError, match="registered:"):
         fit_head(warehouse_copy, label="section", model="nope")
+    with pytest.raises(EwError, match="no model with cls pooling"):
+        fit_head(warehouse_copy, label="section", pooling="cls")
     with pytest.raises(EwError, match="layers 0..2"):
         fit_head(warehouse_copy, label="section", layer=7)
