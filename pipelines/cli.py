@@ -105,8 +105,6 @@ def query(ctx: click.Context, sql: str, version: int | None, fmt: str | None, ou
     Example: ew query "select model, layer, count(*) from embeddings group by all order by all"
     """
     chosen = format_for(output, fmt)
-    if chosen == "parquet" and output is None:
-        raise EwError("--format parquet needs --output FILE")
     result = run_query(_warehouse(ctx), sql, version=version)
     rows = write_result(result.reader, fmt=chosen, output=output, stdout=sys.stdout)
     if output is not None:

@@ -55,6 +55,8 @@ def atomic_output(path: Path, mode: str = "w") -> Iterator[IO]:
 
 def write_result(reader: pa.RecordBatchReader, *, fmt: str, output: Path | None, stdout: TextIO) -> int:
     """Stream ``reader`` to ``output`` (or ``stdout``) in ``fmt``; returns the number of rows."""
+    if output is not None and not output.parent.is_dir():
+        raise EwError(f"cannot write {output}: the directory {output.parent} does not exist")
     if fmt == "parquet":
         if output is None:
             raise EwError("--format parquet needs --output FILE")
@@ -106,11 +108,23 @@ def _flatten_nested(batch: pa.RecordBatch) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays(columns, schema=_flat_schema(batch.schema))
 
 
+def unique_names(names: list[str]) -> list[str]:
+    """Column names made unique (``doc_hash``, ``doc_hash_2``): a join can return a name twice."""
+    seen: dict[str, int] = {}
+    unique = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        unique.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
+    return unique
+
+
 def _write_json(reader: pa.RecordBatchReader, handle: IO) -> int:
     rows = 0
+    names = unique_names(reader.schema.names)
     for batch in reader:
-        for row in batch.to_pylist():
-            handle.write(json.dumps(row, default=str, ensure_ascii=False) + "\n")
+        columns = [column.to_pylist() for column in batch.columns]
+        for values in zip(*columns):
+            handle.write(json.dumps(dict(zip(names, values)), default=str, ensure_ascii=False) + "\n")
         rows += batch.num_rows
     return rows
 
@@ -122,7 +136,7 @@ def _cell(value: object) -> str:
         text = f"{value:.6g}"
     elif isinstance(value, list):
         shown = ", ".join(_cell(v) for v in value[:MAX_LIST_ITEMS])
-        text = f"[{shown}{', ...' if len(value) > MAX_LIST_ITEMS else ''}] ({len(value)})" if len(value) > MAX_LIST_ITEMS else f"[{shown}]"
+        text = f"[{shown}, ...] ({len(value)})" if len(value) > MAX_LIST_ITEMS else f"[{shown}]"
     else:
         text = str(value)
     text = text.replace("\n", "\\n")
@@ -135,7 +149,7 @@ def _write_table(reader: pa.RecordBatchReader, handle: IO) -> int:
     widths: list[int] | None = None
     rows = 0
     for batch in reader:
-        cells = [[_cell(v) for v in row.values()] for row in batch.to_pylist()]
+        cells = list(zip(*([_cell(v) for v in column.to_pylist()] for column in batch.columns)))
         if widths is None:
             widths = [max([len(name)] + [len(row[i]) for row in cells]) for i, name in enumerate(names)]
             _table_header(handle, names, widths)

@@ -70,7 +70,8 @@ def connect(
         config={
             "memory_limit": memory_limit,
             "threads": threads or usable_cores(),
-            "temp_directory": os.path.join(tempfile.gettempdir(), "ew-duckdb"),
+            # Spill files of this user only; DuckDB creates the folder when it first spills.
+            "temp_directory": os.path.join(tempfile.gettempdir(), f"ew-duckdb-{os.getuid()}"),
             "autoinstall_known_extensions": False,
             "autoload_known_extensions": False,
             "allow_community_extensions": False,

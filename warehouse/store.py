@@ -12,7 +12,7 @@ import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -41,6 +41,11 @@ DEFAULT_PATH = "ew-warehouse"
 ENV_VAR = "EW_WAREHOUSE"
 MARKER = "ew-warehouse.json"
 FORMAT = 1
+
+
+# Every version must stay readable: delta-rs would otherwise delete log files older than
+# 30 days at each checkpoint, and time travel to those versions would break.
+TABLE_CONFIGURATION = {"delta.enableExpiredLogCleanup": "false"}
 
 
 def default_path() -> Path:
@@ -106,7 +111,13 @@ class Warehouse:
         table_version = snapshot.table_versions.get(table, -1)
         if table_version < 0:
             return None
-        return DeltaTable(str(self.table_path(table)), version=table_version)
+        try:
+            return DeltaTable(str(self.table_path(table)), version=table_version)
+        except Exception as error:  # deltalake raises its own errors for a missing log or version
+            raise EwError(
+                f"cannot read version {table_version} of the {table} table for warehouse version {snapshot.version} "
+                f"({str(error).splitlines()[0]}); its Delta log may have been cleaned up or damaged"
+            ) from None
 
     def dataset(self, table: str, snapshot: Snapshot) -> pads.Dataset:
         """A pyarrow dataset of ``table`` as ``snapshot`` pins it (an empty one before the table exists)."""
@@ -159,18 +170,18 @@ class Writer:
 
     warehouse: Warehouse
     rows_added: int = 0
-    pending: list[str] = field(default_factory=list)
 
     def _write(self, table: str, data: pa.Table) -> None:
+        path = str(self.warehouse.table_path(table))
         write_deltalake(
-            str(self.warehouse.table_path(table)),
+            path,
             data,
             mode="append",
             partition_by=PARTITIONS[table] or None,
             schema_mode="merge",
+            configuration=None if DeltaTable.is_deltatable(path) else TABLE_CONFIGURATION,
         )
         self.rows_added += data.num_rows
-        self.pending.append(table)
 
     def append_embeddings(self, rows: pa.Table) -> int:
         """Append embedding rows (caller guarantees none is stored yet, under this lock)."""
@@ -226,7 +237,6 @@ class Writer:
             schema_mode="merge",
         )
         self.rows_added += rows.num_rows
-        self.pending.append(DOCUMENTS)
 
     def register_model(self, row: dict) -> None:
         self._write(MODELS, pa.Table.from_pylist([row], schema=SCHEMAS[MODELS]))
@@ -249,7 +259,12 @@ class Writer:
         for name in TABLES:
             path = str(self.warehouse.table_path(name))
             row[f"{name}_version"] = DeltaTable(path).version() if DeltaTable.is_deltatable(path) else -1
-        write_deltalake(str(root / LOG), pa.Table.from_pylist([row], schema=LOG_SCHEMA), mode="append")
+        log_path = str(root / LOG)
+        write_deltalake(
+            log_path,
+            pa.Table.from_pylist([row], schema=LOG_SCHEMA),
+            mode="append",
+            configuration=None if DeltaTable.is_deltatable(log_path) else TABLE_CONFIGURATION,
+        )
         self.rows_added = 0
-        self.pending.clear()
         return version
