@@ -195,7 +195,7 @@ def fit_head(ctx: click.Context, as_json: bool, **options) -> None:
 
     result = run_fit(_warehouse(ctx), **options)
     if as_json:
-        click.echo(json.dumps({k: v for k, v in result.to_dict().items() if k != "metrics"}))
+        click.echo(json.dumps(result.to_dict()))
         return
     click.echo(
         f"head {result.head}: {result.kind} on {result.model} layer {result.layer}, label {result.label!r} "
@@ -212,7 +212,8 @@ def fit_head(ctx: click.Context, as_json: bool, **options) -> None:
         f"test accuracy {result.accuracy:.4f}, macro-F1 {result.macro_f1:.4f}; "
         f"{result.epochs} epochs (best {result.best_epoch}) in {result.train_seconds:.1f}s, {result.seconds:.1f}s in all"
     )
-    worst = sorted(result.metrics["per_class"], key=lambda c: c["f1"])[:5]
+    tested = [c for c in result.metrics["per_class"] if c["support"] > 0]
+    worst = sorted(tested, key=lambda c: c["f1"])[:5]
     click.echo("weakest classes: " + ", ".join(f"{c['label']} (P {c['precision']:.2f} R {c['recall']:.2f})" for c in worst))
     click.echo(f"stored at {result.path} (trained on warehouse version {result.version})")
     click.echo(f"report: {result.report}")

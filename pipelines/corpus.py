@@ -88,6 +88,13 @@ class FieldTypes:
 
     def fit(self, name: str, value: object) -> object:
         """``value`` as its column stores it; raises ValueError when it cannot fit."""
+        if name not in self.types:
+            # Delta column names are case-insensitive: `Section` would collide with `section`.
+            clash = next((known for known in self.types if known.lower() == name.lower()), None)
+            if clash is None:
+                clash = next((known for known in RESERVED_DOCUMENT_COLUMNS if known == name.lower()), None)
+            if clash is not None:
+                raise ValueError(f"field {name!r} differs from the column {clash!r} only in case; rename one of them")
         if value is None:
             return None
         kind = self.types.setdefault(name, _kind_of(value))

@@ -10,16 +10,18 @@ a JSON card inside the warehouse, with a PNG report, and registered in the ``hea
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import re
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from warehouse import Warehouse
-from warehouse.errors import EwError, HeadError
+from warehouse.errors import EwError, HeadError, MissingDependencyError
 from warehouse.splits import DocumentFilter, LabelledVectors, SplitSpec
 from warehouse.store import now_utc
 from warehouse.tables import HEADS
@@ -49,8 +51,8 @@ class FitResult:
     test: int
     missing_label: int
     rare_classes: tuple[str, ...]  # too few examples to appear in every split
-    reused: int                    # labelled documents whose vectors were stored already
-    embedded: int                  # labelled documents embedded first by this run
+    reused: int                    # distinct labelled texts whose vectors were stored already
+    embedded: int                  # distinct labelled texts embedded first by this run
     epochs: int
     best_epoch: int
     train_seconds: float
@@ -100,10 +102,15 @@ def fit_head(
     it reads the latest version after embedding the labelled documents that lack vectors.
     """
     started = time.perf_counter()
+    from .heads import require_torch, save_head
     from .metrics import classification_metrics
     from .report import write_report
     from .training import TrainConfig, predict_batches, train_head
 
+    # Fail before anything is embedded or written when the training extra is missing.
+    require_torch()
+    if importlib.util.find_spec("matplotlib") is None:
+        raise MissingDependencyError("matplotlib", "train", "writing the PNG report of a head")
     if not isinstance(warehouse, Warehouse):
         warehouse = Warehouse.open(warehouse)
     spec = SplitSpec.parse(split, seed=seed)
@@ -141,9 +148,7 @@ def fit_head(
         train_seconds = time.perf_counter() - train_started
         y_true, y_pred = predict_batches(trained.module, data.batches("test", batch_size=EVAL_BATCH))
         metrics = classification_metrics(y_true, y_pred, classes=data.classes)
-        reused = data.counts["train"] + data.counts["val"] + data.counts["test"] - embedded
-        from .heads import save_head
-
+        reused = data.documents - embedded
         card = {
             "name": name,
             "model": key,
@@ -167,20 +172,26 @@ def fit_head(
             "train_seconds": round(train_seconds, 3),
             "created_at": now_utc().isoformat(),
         }
-        save_head(directory, trained.module, config=trained.config, card=card)
-        report = write_report(directory / "report.png", history=trained.history, metrics=metrics,
-                              title=f"{name}: {label} from {key} layer {layer}")
         with warehouse.writer() as writer:
-            writer.add_head(
-                {
-                    "head": name, "model": key, "layer": layer, "pooling": pooling, "label": label, "kind": kind,
-                    "classes": data.classes, "accuracy": metrics.accuracy, "macro_f1": metrics.macro_f1,
-                    "train_rows": data.counts["train"], "val_rows": data.counts["val"], "test_rows": data.counts["test"],
-                    "trained_on_version": data.version, "artifact": str(directory.relative_to(warehouse.root)),
-                    "card": json.dumps(card, sort_keys=True), "created_at": now_utc(),
-                }
-            )
-            writer.commit("fit-head", {"head": name, "label": label, "model": key, "layer": layer})
+            try:
+                save_head(directory, trained.module, config=trained.config, card=card)
+                report = write_report(directory / "report.png", history=trained.history, metrics=metrics,
+                                      title=f"{name}: {label} from {key} layer {layer}")
+                writer.add_head(
+                    {
+                        "head": name, "model": key, "layer": layer, "pooling": pooling, "label": label, "kind": kind,
+                        "classes": data.classes, "accuracy": metrics.accuracy, "macro_f1": metrics.macro_f1,
+                        "train_rows": data.counts["train"], "val_rows": data.counts["val"],
+                        "test_rows": data.counts["test"], "trained_on_version": data.version,
+                        "artifact": str(directory.relative_to(warehouse.root)),
+                        "card": json.dumps(card, sort_keys=True), "created_at": now_utc(),
+                    }
+                )
+                writer.commit("fit-head", {"head": name, "label": label, "model": key, "layer": layer})
+            except BaseException:
+                # A head is stored whole or not at all: no unregistered folder holds its name.
+                shutil.rmtree(directory, ignore_errors=True)
+                raise
         return FitResult(
             head=name, path=str(directory), report=str(report), model=key, layer=layer, pooling=pooling, label=label,
             kind=kind, classes=tuple(data.classes), accuracy=metrics.accuracy, macro_f1=metrics.macro_f1,

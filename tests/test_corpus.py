@@ -84,3 +84,11 @@ def test_custom_fields_and_corpus_name(tmp_path):
 def test_missing_file_is_an_error(tmp_path):
     with pytest.raises(EwError, match="does not exist"):
         list(read_corpus(tmp_path / "none.jsonl"))
+
+
+def test_field_names_differing_only_in_case_are_rejected(tmp_path):
+    path = write(tmp_path / "c.jsonl", ['{"text": "a", "topic": "x"}', '{"text": "b", "Topic": "y"}', '{"text": "c", "Text": "z"}'])
+    items = list(read_corpus(path))
+    assert isinstance(items[0], Record)
+    assert isinstance(items[1], Rejected) and "only in case" in items[1].reason
+    assert isinstance(items[2], Rejected) and "only in case" in items[2].reason

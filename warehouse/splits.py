@@ -226,6 +226,8 @@ class LabelledVectors:
                 "INSERT INTO examples SELECT l.doc_hash, l.label, l.split, c.x FROM ew_chunk c JOIN labelled_split l USING (doc_hash)"
             )
             con.unregister("ew_chunk")
+        #: Distinct texts (doc_hash) among the rows.
+        self.documents = con.execute("SELECT count(DISTINCT doc_hash) FROM examples").fetchone()[0]
         counts = con.execute("SELECT label, split, count(*) FROM examples GROUP BY ALL").fetchall()
         per_class: dict[str, dict[str, int]] = {}
         for name, split, count in counts:
