@@ -63,7 +63,7 @@ def cli(ctx: click.Context, warehouse: Path, debug: bool) -> None:
 @click.option("--text-field", default="text", show_default=True, help="JSON field holding the text.")
 @click.option("--id-field", default="id", show_default=True, help="JSON field holding the record id; missing ids are derived from the line.")
 @click.option("--layers", default="all", show_default=True, help="Layers to store: all, last, or a list like 0,3,6.")
-@click.option("--pooling", type=click.Choice(["mean", "cls"]), default="mean", show_default=True)
+@click.option("--pooling", type=click.Choice(["mean", "cls"]), help="Pooling of a newly exported model (default: mean; a registered model keeps its own).")
 @click.option("--max-length", type=click.IntRange(min=1), help="Token limit; longer texts are truncated and counted. Default: the model's.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--chunk-size", type=click.IntRange(min=1), default=4096, show_default=True, help="Records per commit.")
@@ -245,6 +245,7 @@ def heads(ctx: click.Context, version: int | None, as_json: bool) -> None:
 @click.argument("head")
 @click.argument("corpus_file", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--where", help="Predict stored documents matching this SQL condition instead of a corpus file.")
+@click.option("--version", "version", type=click.IntRange(min=0), help="With --where: read this warehouse version (embeds nothing).")
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path), help="A .parquet or .csv file.")
 @click.option("--text-field", default="text", show_default=True)
 @click.option("--id-field", default="id", show_default=True)
@@ -259,8 +260,7 @@ def predict(ctx: click.Context, head: str, corpus_file: Path | None, as_json: bo
     """
     from .prediction import predict as run_predict
 
-    warehouse = Warehouse.open(ctx.obj["warehouse"])
-    result = run_predict(warehouse, head, corpus_file=corpus_file, **options)
+    result = run_predict(_warehouse(ctx), head, corpus_file=corpus_file, **options)
     if as_json:
         click.echo(json.dumps(result.to_dict()))
         return
@@ -268,6 +268,8 @@ def predict(ctx: click.Context, head: str, corpus_file: Path | None, as_json: bo
         f"wrote {result.rows:,} predictions of {result.head} to {result.output} "
         f"(vectors reused {result.reused:,}, embedded {result.embedded:,}; warehouse version {result.version})"
     )
+    if result.rejected:
+        click.echo(f"skipped {result.rejected:,} bad lines of {corpus_file}")
 
 
 def main() -> None:

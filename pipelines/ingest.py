@@ -209,7 +209,7 @@ def ingest(
     text_field: str = "text",
     id_field: str = "id",
     layers: str | Sequence[int] | None = None,
-    pooling: str = "mean",
+    pooling: str | None = None,
     max_length: int | None = None,
     batch_size: int = 32,
     chunk_size: int = DEFAULT_CHUNK,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 
 from warehouse import Warehouse, Writer
-from warehouse.errors import EwError, UnknownModelKeyError
+from warehouse.errors import EwError, ModelNotFoundError, UnknownModelKeyError
 from warehouse.keys import slug
 from warehouse.store import now_utc
 from warehouse.tables import MODELS
@@ -42,22 +42,45 @@ def _current_row(warehouse: Warehouse, key: str) -> dict | None:
     return matches[0] if matches else None
 
 
+def _registered(warehouse: Warehouse, row: dict, pooling: str | None, max_length: int | None) -> PreparedModel:
+    """A registered model used as it is; asking it for other settings is an error, not a silent change."""
+    for option, wanted in (("pooling", pooling), ("max_length", max_length)):
+        if wanted is not None and wanted != row[option]:
+            raise EwError(
+                f"model {row['model']} was exported with {option} {row[option]}, not {wanted}; "
+                f"pass the model's name or directory (from `ew models`: {row['source']}) to export it with these settings"
+            )
+    return PreparedModel(key=row["model"], artifact=warehouse.root / row["artifact"], exported=False,
+                         max_abs_diff=row["max_abs_diff"])
+
+
 def prepare_model(
     writer: Writer,
     name: str,
     *,
-    pooling: str = "mean",
+    pooling: str | None = None,
     max_length: int | None = None,
 ) -> PreparedModel:
     """Make sure the model ``name`` is exported and registered in the warehouse (under the write lock).
 
     ``name`` is an alias, a Hugging Face id, a local directory, or the key of a registered model.
+    ``pooling`` defaults to mean for a new model, and to the registered model's own.
     """
     warehouse = writer.warehouse
     row = _current_row(warehouse, name)
     if row is not None and (warehouse.root / row["artifact"]).is_dir():
-        return PreparedModel(key=name, artifact=warehouse.root / row["artifact"], exported=False, max_abs_diff=row["max_abs_diff"])
-    source = resolve_model(name, pooling=pooling, max_length=max_length)
+        return _registered(warehouse, row, pooling, max_length)
+    try:
+        source = resolve_model(name, pooling=pooling or "mean", max_length=max_length)
+    except ModelNotFoundError as not_found:
+        # The weights are not installed here, but the warehouse may hold the model exported already.
+        try:
+            row = find_model(warehouse, name, pooling=pooling)
+        except EwError:
+            raise not_found from None
+        if not (warehouse.root / row["artifact"]).is_dir():
+            raise not_found from None
+        return _registered(warehouse, row, None, max_length)
     artifact = warehouse.model_dir(source.key)
     row = _current_row(warehouse, source.key)
     if row is not None and artifact.is_dir():

@@ -185,3 +185,23 @@ def test_the_ingest_path_never_imports_torch(wh, tmp_path, tiny_bert_dir):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_a_registered_key_keeps_its_settings(wh, tmp_path, tiny_bert_dir):
+    corpus = write_corpus(tmp_path / "c.jsonl", records(2))
+    first = ingest(wh, corpus, model=str(tiny_bert_dir))
+    with pytest.raises(EwError, match="was exported with pooling mean, not cls"):
+        ingest(wh, corpus, model=first.model, pooling="cls")
+
+
+def test_a_registered_model_works_without_its_weights(wh, tmp_path, tiny_bert_dir, monkeypatch):
+    corpus = write_corpus(tmp_path / "c.jsonl", records(2))
+    first = ingest(wh, corpus, model=str(tiny_bert_dir))
+    import pipelines.registry
+
+    def gone(name, **options):
+        raise ModelNotFoundError(name, ["nowhere"])
+
+    monkeypatch.setattr(pipelines.registry, "resolve_model", gone)
+    again = ingest(wh, write_corpus(tmp_path / "d.jsonl", records(3)), model=tiny_bert_dir.name)
+    assert (again.model, again.embedded, again.exported) == (first.model, 1, False)
