@@ -22,7 +22,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from warehouse import Warehouse
-from warehouse.errors import EwError, HeadError, InputError, QueryError
+from warehouse.errors import EwError, HeadError, InputError, QueryError, first_line
 from warehouse.formats import atomic_output
 from warehouse.keys import doc_hash
 from warehouse.query import connect
@@ -123,7 +123,7 @@ def predict(
             f"SELECT count(DISTINCT doc_hash) FROM documents WHERE {condition}", params
         ).fetchone()[0]
     except duckdb.Error as error:
-        raise QueryError(f"reading the documents to predict failed: {str(error).splitlines()[0]}") from None
+        raise QueryError(f"reading the documents to predict failed: {first_line(error)}") from None
     finally:
         con.close()
     return PredictResult(head=head, output=str(output), rows=rows, embedded=embedded, reused=distinct - embedded,

@@ -1,4 +1,4 @@
-"""The models a warehouse knows: resolve a name, export it once, load its stored ONNX encoder.
+"""The models a warehouse knows: resolve a name, export it once, find the registered ones.
 
 Exporting needs torch (``ew[train]``); every later use loads the stored ONNX graph with
 onnxruntime, so the ingest path never imports torch or transformers.
@@ -17,7 +17,6 @@ from warehouse.keys import slug
 from warehouse.store import now_utc
 from warehouse.tables import MODELS
 
-from .encoder import Encoder
 from .models import ALIASES, resolve_model
 
 
@@ -156,8 +155,3 @@ def find_model(warehouse: Warehouse, name: str | None, *, pooling: str | None = 
         if len(matches) > 1:
             raise EwError(f"{name!r} matches several models ({', '.join(r['model'] for r in matches)}); pass a full key")
     raise UnknownModelKeyError(name, [row["model"] for row in rows])
-
-
-def load_encoder(warehouse: Warehouse, key: str, *, threads: int | None = None, version: int | None = None) -> Encoder:
-    """The stored ONNX encoder of a registered model."""
-    return Encoder.load(warehouse.root / model_row(warehouse, key, version=version)["artifact"], threads=threads)

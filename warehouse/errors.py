@@ -12,6 +12,12 @@ class EwError(Exception):
     """Root of every error ew raises on purpose."""
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of another library's error message, to quote inside ours."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
 class WarehouseNotFoundError(EwError):
     def __init__(self, path: Path | str):
         self.path = str(path)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import duckdb
 import pyarrow as pa
 
-from .errors import QueryError, QueryRefusedError
+from .errors import QueryError, QueryRefusedError, first_line
 from .tables import TABLES
 from .versions import Snapshot
 
@@ -38,7 +38,7 @@ def check_sql(sql: str) -> str:
     try:
         statements = duckdb.extract_statements(sql)
     except duckdb.Error as error:
-        raise QueryError(f"the SQL does not parse: {str(error).splitlines()[0]}") from None
+        raise QueryError(f"the SQL does not parse: {first_line(error)}") from None
     if len(statements) != 1:
         raise QueryRefusedError(f"found {len(statements)} statements, expected exactly one")
     kind = statements[0].type
@@ -100,14 +100,10 @@ def run_query(
     try:
         reader = con.sql(sql).to_arrow_reader(batch_rows)
     except duckdb.PermissionException as error:
-        raise QueryRefusedError(_first_line(error)) from None
+        raise QueryRefusedError(first_line(error)) from None
     except duckdb.Error as error:
-        raise QueryError(f"the query failed: {_first_line(error)}") from None
+        raise QueryError(f"the query failed: {first_line(error)}") from None
     return QueryResult(version=snapshot.version, reader=_keep_alive(reader, con))
-
-
-def _first_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[0]
 
 
 def _keep_alive(reader: pa.RecordBatchReader, con: duckdb.DuckDBPyConnection) -> pa.RecordBatchReader:
@@ -118,9 +114,9 @@ def _keep_alive(reader: pa.RecordBatchReader, con: duckdb.DuckDBPyConnection) ->
             for batch in reader:
                 yield batch
         except duckdb.PermissionException as error:
-            raise QueryRefusedError(_first_line(error)) from None
+            raise QueryRefusedError(first_line(error)) from None
         except duckdb.Error as error:
-            raise QueryError(f"the query failed: {_first_line(error)}") from None
+            raise QueryError(f"the query failed: {first_line(error)}") from None
         finally:
             con.close()
 

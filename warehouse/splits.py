@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .errors import EwError, HeadError, QueryError
+from .errors import EwError, HeadError, QueryError, first_line
 from .query import check_sql, connect
 from .tables import DOCUMENTS, EMBEDDINGS, RESERVED_DOCUMENT_COLUMNS
 
@@ -150,7 +150,7 @@ def missing_vectors(
         ).to_arrow_reader(batch_rows)
         yield from reader
     except duckdb.Error as error:
-        raise QueryError(f"finding documents without vectors failed: {str(error).splitlines()[0]}") from None
+        raise QueryError(f"finding documents without vectors failed: {first_line(error)}") from None
     finally:
         con.close()
 
@@ -185,7 +185,7 @@ class LabelledVectors:
             self._materialize()
         except duckdb.Error as error:
             self.close()
-            raise QueryError(f"assembling the training data failed: {str(error).splitlines()[0]}") from None
+            raise QueryError(f"assembling the training data failed: {first_line(error)}") from None
 
     # -- building ------------------------------------------------------------------
     def _materialize(self) -> None:

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 from deltalake import DeltaTable, write_deltalake
 
-from .errors import EwError, WarehouseNotFoundError
+from .errors import EwError, WarehouseNotFoundError, first_line
 from .lock import write_lock
 from .tables import (
     delta_dataset,
@@ -116,7 +116,7 @@ class Warehouse:
         except Exception as error:  # deltalake raises its own errors for a missing log or version
             raise EwError(
                 f"cannot read version {table_version} of the {table} table for warehouse version {snapshot.version} "
-                f"({str(error).splitlines()[0]}); its Delta log may have been cleaned up or damaged"
+                f"({first_line(error)}); its Delta log may have been cleaned up or damaged"
             ) from None
 
     def dataset(self, table: str, snapshot: Snapshot) -> pads.Dataset:
