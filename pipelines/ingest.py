@@ -39,6 +39,8 @@ DEFAULT_CHUNK = 4096
 # Texts go to the encoder in groups of this many, sorted by length, so padding stays small
 # and progress moves often.
 ENCODE_GROUP = 512
+# Changed records are written this many at a time: each write rewrites the corpus's partition.
+UPDATE_BATCH = 50_000
 
 
 @dataclass(frozen=True)
@@ -261,6 +263,9 @@ def ingest(
                     pending = committer.submit(run.commit_chunk, work) if work is not None else None
                 if pending is not None:
                     pending.result()
+                if run.updates:
+                    work = run.work(pa.table({}), run.take_updates(), field_types, lines=[], embedded=0)
+                    run.commit_chunk(work)
         finally:
             show.close()
             rejects.close()
@@ -343,6 +348,7 @@ class _Run:
         warehouse = writer.warehouse
         self.stored = StoredKeys(warehouse.current_dataset(EMBEDDINGS), model=model_key, pooling=pooling, layers=layers)
         self.existing = _existing_records(warehouse, corpus) if load_documents else {}
+        self.updates: dict[str, tuple[Record, str, str]] = {}  # id -> changed record, written in batches
         self.seen_texts: set[str] = set()
         self.seen_ids: set[str] = set()
         self.read = self.new_documents = self.updated_documents = 0
@@ -396,25 +402,33 @@ class _Run:
             self.truncated += int(truncated.sum())
 
         fingerprints = [_record_hash(r) for r in records]
-        changed = [i for i, r in enumerate(records) if self.existing.get(r.id) != fingerprints[i]]
-        documents = documents_rows(
-            self.corpus, [records[i] for i in changed], [keys[i] for i in changed], [fingerprints[i] for i in changed], field_types
-        )
-        for i in changed:
-            if records[i].id in self.existing:
-                self.updated_documents += 1
-            else:
+        new_rows: list[tuple[Record, str, str]] = []
+        for record, key, fingerprint in zip(records, keys, fingerprints):
+            stored = self.existing.get(record.id)
+            if stored == fingerprint:
+                continue
+            if stored is None:
                 self.new_documents += 1
-            self.existing[records[i].id] = fingerprints[i]
+                new_rows.append((record, key, fingerprint))
+            else:
+                # Replacing a row rewrites its corpus's files: gather the updates, write them at once.
+                self.updated_documents += 1
+                self.updates[record.id] = (record, key, fingerprint)
+            self.existing[record.id] = fingerprint
+        if len(self.updates) >= UPDATE_BATCH:
+            new_rows += self.take_updates()
+        return self.work(embeddings, new_rows, field_types, lines=[chunk[0].line, chunk[-1].line], embedded=len(to_encode))
+
+    def take_updates(self) -> list[tuple[Record, str, str]]:
+        updates, self.updates = list(self.updates.values()), {}
+        return updates
+
+    def work(self, embeddings: pa.Table, rows: list, field_types: FieldTypes, *, lines: list[int], embedded: int) -> _ChunkWork | None:
+        documents = documents_rows(self.corpus, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], field_types)
         if embeddings.num_rows == 0 and documents.num_rows == 0:
             return None
-        detail = {
-            "corpus": self.corpus,
-            "model": self.model_key,
-            "lines": [chunk[0].line, chunk[-1].line],
-            "embedded": len(to_encode),
-            "documents": documents.num_rows,
-        }
+        detail = {"corpus": self.corpus, "model": self.model_key, "lines": lines, "embedded": embedded,
+                  "documents": documents.num_rows}
         return _ChunkWork(embeddings=embeddings, documents=documents, detail=detail)
 
     def commit_chunk(self, work: _ChunkWork) -> int:

@@ -69,8 +69,11 @@ def test_a_changed_label_updates_the_row_and_embeds_nothing(wh, tmp_path, tiny_b
     ingest(wh, write_corpus(tmp_path / "c.jsonl", records(5)), model=str(tiny_bert_dir))
     changed = records(5)
     changed[2]["topic"] = "fixed"
-    result = ingest(wh, write_corpus(tmp_path / "c.jsonl", changed), model=str(tiny_bert_dir))
-    assert (result.embedded, result.updated_documents, result.new_documents) == (0, 1, 0)
+    changed[4]["topic"] = "fixed too"
+    before = wh.latest_version()
+    result = ingest(wh, write_corpus(tmp_path / "c.jsonl", changed), model=str(tiny_bert_dir), chunk_size=2)
+    assert (result.embedded, result.updated_documents, result.new_documents) == (0, 2, 0)
+    assert wh.latest_version() == before + 1  # the updates of every chunk are written together
     assert count(wh, "select topic from documents where id = 'doc2'") == "fixed"
     assert count(wh, "select count(*) from documents") == 5
 
