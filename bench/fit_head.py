@@ -53,7 +53,8 @@ def epoch_seconds(batches_for_epoch, *, dim: int, classes: int, epochs: int = 3)
         started = time.perf_counter()
         for x, y in prefetch(batches_for_epoch(epoch)):
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(module(torch.from_numpy(x)), torch.from_numpy(y))
+            # Streamed batches are read-only views of Arrow memory: copy them, as train_head does.
+            loss = loss_fn(module(torch.from_numpy(np.require(x, requirements="W"))), torch.from_numpy(np.require(y, requirements="W")))
             loss.backward()
             optimizer.step()
         times.append(time.perf_counter() - started)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from warehouse import Warehouse
 from warehouse.errors import EwError, HeadError, MissingDependencyError
-from warehouse.splits import DocumentFilter, LabelledVectors, SplitSpec
+from warehouse.splits import INTERNAL_MEMORY_LIMIT, DocumentFilter, LabelledVectors, SplitSpec
 from warehouse.store import now_utc
 from warehouse.tables import HEADS
 
@@ -93,7 +93,7 @@ def fit_head(
     split: str = "80,10,10",
     name: str | None = None,
     threads: int | None = None,
-    memory_limit: str = "512MB",
+    memory_limit: str = INTERNAL_MEMORY_LIMIT,
     version: int | None = None,
 ) -> FitResult:
     """Train a head predicting ``label`` from the stored vectors of one model and layer.

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -30,9 +31,11 @@ from warehouse.store import now_utc
 from warehouse.tables import DOCUMENTS, EMBEDDINGS, TIMESTAMP, vector_column
 
 from .corpus import FieldTypes, Record, Rejected, corpus_name, count_lines, read_corpus
-from .encoder import Encoder
 from .progress import Progress
 from .registry import model_row, prepare_model
+
+if TYPE_CHECKING:
+    from .encoder import Encoder
 
 ON_ERROR = ("fail", "skip")
 DEFAULT_CHUNK = 4096
@@ -118,7 +121,7 @@ def _group_by_layer(batch: pa.RecordBatch) -> Iterator[tuple[int, list[str]]]:
 
 
 def encode_texts(
-    encoder: Encoder,
+    encoder: "Encoder",
     texts: Sequence[str],
     *,
     batch_size: int,
@@ -344,7 +347,7 @@ class _Run:
         self.layers = layers
         self.batch_size = batch_size
         self.threads = threads
-        self._encoder: Encoder | None = None
+        self._encoder: "Encoder | None" = None
         warehouse = writer.warehouse
         self.stored = StoredKeys(warehouse.current_dataset(EMBEDDINGS), model=model_key, pooling=pooling, layers=layers)
         self.existing = _existing_records(warehouse, corpus) if load_documents else {}
@@ -355,9 +358,11 @@ class _Run:
         self.embedded = self.reused = self.duplicates = self.truncated = self.duplicate_ids = 0
 
     @property
-    def encoder(self) -> Encoder:
+    def encoder(self) -> "Encoder":
         # Loaded on first need: a rerun that finds everything stored never starts onnxruntime.
         if self._encoder is None:
+            from .encoder import Encoder
+
             self._encoder = Encoder.load(self.artifact, threads=self.threads)
         return self._encoder
 
@@ -493,7 +498,7 @@ def ensure_vectors(
     operation: str = "embed",
 ) -> int:
     """Embed the stored documents matching ``documents`` that lack a vector of model/layer; returns how many."""
-    probe = missing_vectors(warehouse, documents=documents, model=model_key, layer=layer, pooling=pooling, batch_rows=1)
+    probe = missing_vectors(warehouse, documents=documents, model=model_key, layer=layer, pooling=pooling, probe=True)
     try:
         if not any(batch.num_rows for batch in probe):
             return 0  # nothing to write: no lock taken, no version made

@@ -8,9 +8,10 @@ A document's split is a pure function of its ``doc_hash`` and the split seed:
 so a document never changes split when the warehouse grows or rows arrive in another order,
 and identical texts (one doc_hash) always share a split: test never leaks into train.
 
-The labelled vectors are copied once into a DuckDB table (raw float32 bytes), which
-DuckDB keeps within its memory limit and spills to disk beyond it; every epoch streams them
-back in a seeded order, a few thousand rows at a time.
+The labelled vectors are copied once into a DuckDB table (raw float32 bytes) in a seeded
+random order, which DuckDB keeps within its memory limit and spills to disk beyond it; every
+epoch streams them back a few thousand rows at a time, shuffled again within windows of
+SHUFFLE_ROWS rows by a generator seeded with the epoch (a shuffle buffer).
 """
 from __future__ import annotations
 
@@ -34,6 +35,9 @@ if TYPE_CHECKING:
 SPLITS = ("train", "val", "test")
 BUCKETS = 10_000
 FETCH_ROWS = 8192
+# DuckDB's limit for ew's own queries: it spills beyond it, and fit-head's peak RSS stays low.
+INTERNAL_MEMORY_LIMIT = "256MB"
+SHUFFLE_ROWS = 8192  # rows shuffled together within an epoch (~12 MB of 384-wide vectors)
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,20 @@ def _blob_column(vectors: pa.ListArray | pa.ChunkedArray, dim: int) -> pa.Array:
     return pa.Array.from_buffers(pa.large_binary(), len(vectors), [None, pa.py_buffer(offsets), pa.py_buffer(data)])
 
 
+def _windows(reader: pa.RecordBatchReader, rows: int) -> Iterator[pa.Table]:
+    """Consecutive tables of about ``rows`` rows from a stream of record batches."""
+    pending: list[pa.RecordBatch] = []
+    count = 0
+    for batch in reader:
+        pending.append(batch)
+        count += batch.num_rows
+        if count >= rows:
+            yield pa.Table.from_batches(pending)
+            pending, count = [], 0
+    if count:
+        yield pa.Table.from_batches(pending)
+
+
 def _matrix(blobs: pa.Array, dim: int) -> np.ndarray:
     """Binary rows of float32 bytes -> an (n, dim) float32 matrix over the same memory."""
     if isinstance(blobs, pa.ChunkedArray):
@@ -135,17 +153,28 @@ class DocumentFilter:
 
 
 def missing_vectors(
-    warehouse: "Warehouse", *, documents: DocumentFilter, model: str, layer: int, pooling: str, batch_rows: int = 4096
+    warehouse: "Warehouse",
+    *,
+    documents: DocumentFilter,
+    model: str,
+    layer: int,
+    pooling: str,
+    batch_rows: int = 4096,
+    probe: bool = False,
 ) -> Iterator[pa.RecordBatch]:
-    """(doc_hash, text) batches of the latest version's documents that lack a vector of model/layer/pooling."""
+    """(doc_hash, text) batches of the latest version's documents that lack a vector of model/layer/pooling.
+
+    With ``probe``, at most one row and no text: a cheap "is anything missing?".
+    """
     snapshot = warehouse.snapshot()
     documents.check(warehouse.dataset(DOCUMENTS, snapshot).schema.names)
     condition, params = documents.condition()
-    con = connect(warehouse, snapshot)
+    columns, tail = ("doc_hash", "LIMIT 1") if probe else ("doc_hash, any_value(text) AS text", "GROUP BY doc_hash")
+    con = connect(warehouse, snapshot, memory_limit=INTERNAL_MEMORY_LIMIT)
     try:
         reader = con.sql(
-            f"SELECT doc_hash, any_value(text) AS text FROM documents WHERE {condition} AND doc_hash NOT IN "
-            "(SELECT doc_hash FROM embeddings WHERE model = ? AND layer = ? AND pooling = ?) GROUP BY doc_hash",
+            f"SELECT {columns} FROM documents WHERE {condition} AND doc_hash NOT IN "
+            f"(SELECT doc_hash FROM embeddings WHERE model = ? AND layer = ? AND pooling = ?) {tail}",
             params=params + [model, layer, pooling],
         ).to_arrow_reader(batch_rows)
         yield from reader
@@ -171,7 +200,7 @@ class LabelledVectors:
     corpus: str | None = None
     where: str | None = None
     version: int | None = None
-    memory_limit: str = "512MB"
+    memory_limit: str = INTERNAL_MEMORY_LIMIT
     threads: int | None = None
 
     def __post_init__(self) -> None:
@@ -211,24 +240,26 @@ class LabelledVectors:
         con.execute(
             f"CREATE TABLE labelled_split AS SELECT doc_hash, label, {self.spec.sql()} AS split FROM labelled"
         )
-        con.execute("CREATE TABLE examples (doc_hash VARCHAR, label VARCHAR, split VARCHAR, x BLOB)")
+        con.execute("CREATE TABLE staged (doc_hash VARCHAR, label VARCHAR, split VARCHAR, x BLOB)")
         # Vectors come straight from the Parquet files of the pinned version (Arrow lists), which
         # is far faster than DuckDB's list conversion; DuckDB joins each batch with the labels.
         vectors = self.warehouse.dataset(EMBEDDINGS, self._snapshot)
         wanted = (pc.field("model") == self.model) & (pc.field("layer") == self.layer) & (pc.field("pooling") == self.pooling)
-        for batch in vectors.to_batches(columns=["doc_hash", "embedding"], filter=wanted, batch_size=FETCH_ROWS):
+        # Little read-ahead: the copy into DuckDB is the bottleneck, and buffered batches are RSS.
+        for batch in vectors.to_batches(columns=["doc_hash", "embedding"], filter=wanted, batch_size=FETCH_ROWS,
+                                        batch_readahead=1, fragment_readahead=1):
             if batch.num_rows == 0:
                 continue
             if not self.dim:
                 self.dim = len(batch.column("embedding")[0])
             con.register("ew_chunk", pa.table({"doc_hash": batch.column("doc_hash"), "x": _blob_column(batch.column("embedding"), self.dim)}))
             con.execute(
-                "INSERT INTO examples SELECT l.doc_hash, l.label, l.split, c.x FROM ew_chunk c JOIN labelled_split l USING (doc_hash)"
+                "INSERT INTO staged SELECT l.doc_hash, l.label, l.split, c.x FROM ew_chunk c JOIN labelled_split l USING (doc_hash)"
             )
             con.unregister("ew_chunk")
         #: Distinct texts (doc_hash) among the rows.
-        self.documents = con.execute("SELECT count(DISTINCT doc_hash) FROM examples").fetchone()[0]
-        counts = con.execute("SELECT label, split, count(*) FROM examples GROUP BY ALL").fetchall()
+        self.documents = con.execute("SELECT count(DISTINCT doc_hash) FROM staged").fetchone()[0]
+        counts = con.execute("SELECT label, split, count(*) FROM staged GROUP BY ALL").fetchall()
         per_class: dict[str, dict[str, int]] = {}
         for name, split, count in counts:
             per_class.setdefault(name, {s: 0 for s in SPLITS})[split] = count
@@ -240,39 +271,51 @@ class LabelledVectors:
         con.register("ew_classes", pa.table({"label": self.classes, "y": np.arange(len(self.classes), dtype=np.int64)}))
         con.execute("CREATE TABLE classes AS SELECT * FROM ew_classes")
         con.unregister("ew_classes")
+        # One seeded shuffle, stored: every later read is a plain scan in this order (no sort
+        # per epoch, nothing materialized but DuckDB's pages), and epochs re-shuffle locally.
+        con.execute(
+            "CREATE TABLE examples AS SELECT s.split, s.doc_hash, s.x, c.y FROM staged s JOIN classes c USING (label) "
+            "ORDER BY hash(s.doc_hash, s.label, $seed), s.doc_hash, s.label",
+            {"seed": self.spec.seed},
+        )
+        con.execute("DROP TABLE staged")
 
     # -- reading -------------------------------------------------------------------
     def batches(self, split: str, *, batch_size: int, epoch: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(x (B, dim) float32, y (B,) int64) batches of ``split``; with ``epoch``, in that epoch's seeded order."""
+        """(x (B, dim) float32, y (B,) int64) batches of ``split``.
+
+        With ``epoch``, rows are shuffled within windows of SHUFFLE_ROWS by a generator seeded
+        with (split seed, epoch): the same epoch always gives the same batches.
+        """
         for x, y, _ in self._stream(split, batch_size=batch_size, epoch=epoch, keys=False):
             yield x, y
 
     def keyed_batches(self, split: str, *, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
-        """Like :meth:`batches` in doc_hash order, with the doc_hash of every row."""
+        """Like :meth:`batches` in stored order, with the doc_hash of every row."""
         yield from self._stream(split, batch_size=batch_size, epoch=None, keys=True)
 
     def _stream(self, split: str, *, batch_size: int, epoch: int | None, keys: bool):
         if split not in SPLITS:
             raise EwError(f"unknown split {split!r}; one of {', '.join(SPLITS)}")
-        order = "doc_hash, e.label" if epoch is None else "hash(doc_hash, e.label, $seed, $epoch)"
-        params = {"split": split, "seed": self.spec.seed, "epoch": epoch or 0}
-        if epoch is None:
-            params.pop("seed"), params.pop("epoch")
         # A cursor of its own, so a stream can run in a prefetch thread beside another.
         cursor = self._con.cursor()
         reader = cursor.sql(
-            f"SELECT e.x, c.y, e.doc_hash FROM examples e JOIN classes c USING (label) "
-            f"WHERE e.split = $split ORDER BY {order}",
-            params=params,
+            "SELECT x, y, doc_hash FROM examples WHERE split = $split", params={"split": split}
         ).to_arrow_reader(FETCH_ROWS)
+        rng = None if epoch is None else np.random.default_rng([self.spec.seed, epoch])
         try:
-            for batch in reader:
-                x = _matrix(batch.column("x"), self.dim)
-                y = batch.column("y").to_numpy()
-                hashes = batch.column("doc_hash").to_pylist() if keys else None
-                for start in range(0, batch.num_rows, batch_size):
-                    stop = start + batch_size
-                    yield x[start:stop], y[start:stop], (hashes[start:stop] if keys else None)
+            for window in _windows(reader, SHUFFLE_ROWS if rng is not None else FETCH_ROWS):
+                x = _matrix(window.column("x"), self.dim)
+                y = window.column("y").to_numpy()
+                hashes = window.column("doc_hash").to_pylist() if keys else None
+                order = rng.permutation(len(y)) if rng is not None else None
+                for start in range(0, len(y), batch_size):
+                    if order is None:
+                        rows = slice(start, start + batch_size)
+                        yield x[rows], y[rows], (hashes[rows] if keys else None)
+                    else:
+                        rows = order[start : start + batch_size]
+                        yield x[rows], y[rows], ([hashes[i] for i in rows] if keys else None)
         finally:
             cursor.close()
 
