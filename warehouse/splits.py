@@ -279,6 +279,8 @@ class LabelledVectors:
             {"seed": self.spec.seed},
         )
         con.execute("DROP TABLE staged")
+        # Hand the Arrow buffers of the copy back to the OS before training starts.
+        pa.default_memory_pool().release_unused()
 
     # -- reading -------------------------------------------------------------------
     def batches(self, split: str, *, batch_size: int, epoch: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
