@@ -6,10 +6,10 @@ import json
 import os
 import platform
 import random
+from importlib import metadata
 from datetime import datetime, timezone
 from pathlib import Path
 
-import warehouse
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "debian_packages.jsonl.gz"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -42,10 +42,21 @@ def machine() -> dict:
     }
 
 
+def versions() -> dict:
+    """The versions of ew and of what it is measured against."""
+    found = {}
+    for package in ("ew", "onnxruntime", "torch", "sentence-transformers", "scikit-learn", "duckdb", "deltalake"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = None
+    return found
+
+
 def save(name: str, result: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     result = {"benchmark": name, "measured_at": datetime.now(timezone.utc).isoformat(), "machine": machine(),
-              "ew_modules": warehouse.__name__, **result}
+              "versions": versions(), **result}
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(result, indent=2, default=str) + "\n")
     return path
