@@ -205,6 +205,8 @@ def fit_head(ctx: click.Context, as_json: bool, **options) -> None:
         f"rows: train {result.train:,}, val {result.val:,}, test {result.test:,}; missing label {result.missing_label:,}; "
         f"vectors reused {result.reused:,}, embedded {result.embedded:,}"
     )
+    if result.no_vector:
+        click.echo(f"{result.no_vector:,} labelled texts have no vector at version {result.version} and were left out")
     if result.rare_classes:
         shown = ", ".join(result.rare_classes[:8]) + (" ..." if len(result.rare_classes) > 8 else "")
         click.echo(f"{len(result.rare_classes)} classes are too small to appear in every split: {shown}")

@@ -50,6 +50,7 @@ class FitResult:
     val: int
     test: int
     missing_label: int
+    no_vector: int                 # labelled texts left out: no vector at this version (only with --version)
     rare_classes: tuple[str, ...]  # too few examples to appear in every split
     reused: int                    # distinct labelled texts whose vectors were stored already
     embedded: int                  # distinct labelled texts embedded first by this run
@@ -163,6 +164,7 @@ def fit_head(
                       "rule": "int(sha256(f'{seed}:{doc_hash}')[:8], 16) % 10000"},
             "rows": dict(data.counts),
             "missing_label": data.missing_label,
+            "no_vector": data.no_embedding,
             "rare_classes": data.rare_classes,
             "trained_on_version": data.version,
             "hyperparameters": asdict(config),
@@ -196,7 +198,7 @@ def fit_head(
             head=name, path=str(directory), report=str(report), model=key, layer=layer, pooling=pooling, label=label,
             kind=kind, classes=tuple(data.classes), accuracy=metrics.accuracy, macro_f1=metrics.macro_f1,
             train=data.counts["train"], val=data.counts["val"], test=data.counts["test"],
-            missing_label=data.missing_label, rare_classes=tuple(data.rare_classes), reused=reused, embedded=embedded,
+            missing_label=data.missing_label, no_vector=data.no_embedding, rare_classes=tuple(data.rare_classes), reused=reused, embedded=embedded,
             epochs=len(trained.history), best_epoch=trained.best_epoch, train_seconds=round(train_seconds, 3),
             seconds=round(time.perf_counter() - started, 3), version=data.version, metrics=metrics.to_dict(),
         )

@@ -40,7 +40,10 @@ def test_fit_head_embeds_only_what_is_missing_and_reuses_the_rest(warehouse_copy
     extra.write_text("".join(json.dumps({"id": f"x{i}", "text": f"extra text {i}", "section": "libs"}) + "\n" for i in range(10)))
     before = warehouse_copy.latest_version()
     ingest(warehouse_copy, extra, model=str(tiny_bert_dir), layers="0")
+    without = fit_head(warehouse_copy, label="section", name="without", epochs=2, version=warehouse_copy.latest_version())
+    assert (without.embedded, without.no_vector) == (0, 10)
     result = fit_head(warehouse_copy, label="section", name="grown", epochs=2)
+    assert result.no_vector == 0
     assert result.embedded == 10 and result.reused > 0
     again = fit_head(warehouse_copy, label="section", name="again", epochs=2)
     assert again.embedded == 0 and again.reused == result.reused + 10

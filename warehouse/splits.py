@@ -232,6 +232,7 @@ class LabelledVectors:
         )
         vector_filter = "model = ? AND layer = ? AND pooling = ?"
         vector_params = [self.model, self.layer, self.pooling]
+        #: Labelled texts without a vector of this model/layer at this version (left out).
         self.no_embedding = con.execute(
             f"SELECT count(*) FROM labelled ANTI JOIN (SELECT doc_hash FROM embeddings WHERE {vector_filter}) USING (doc_hash)",
             vector_params,
@@ -264,7 +265,6 @@ class LabelledVectors:
         for name, split, count in counts:
             per_class.setdefault(name, {s: 0 for s in SPLITS})[split] = count
         self.classes = sorted(per_class)
-        self.class_counts = per_class
         self.counts = {s: sum(c[s] for c in per_class.values()) for s in SPLITS}
         #: Classes too small to appear in every split.
         self.rare_classes = [name for name in self.classes if min(per_class[name].values()) == 0]
