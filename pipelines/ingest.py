@@ -121,7 +121,7 @@ def _group_by_layer(batch: pa.RecordBatch) -> Iterator[tuple[int, list[str]]]:
 
 
 def encode_texts(
-    encoder: "Encoder",
+    encoder: Encoder,
     texts: Sequence[str],
     *,
     batch_size: int,
@@ -183,15 +183,10 @@ def _record_hash(record: Record) -> str:
     return record_hash({"id": record.id, "text": record.text, "fields": record.fields})
 
 
-def _existing_records(warehouse: Warehouse, corpus: str) -> dict[str, str]:
+def _existing_records(documents: pads.Dataset, corpus: str) -> dict[str, str]:
     """id -> record_hash of the corpus's stored documents."""
-    dataset = warehouse.current_dataset(DOCUMENTS)
-    table = dataset.to_table(columns=["id", "record_hash"], filter=pc.field("corpus") == corpus)
+    table = documents.to_table(columns=["id", "record_hash"], filter=pc.field("corpus") == corpus)
     return dict(zip(table.column("id").to_pylist(), table.column("record_hash").to_pylist()))
-
-
-def _documents_schema(warehouse: Warehouse) -> pa.Schema:
-    return warehouse.current_dataset(DOCUMENTS).schema
 
 
 def _chunks(items: Iterable, size: int) -> Iterator[list]:
@@ -253,7 +248,7 @@ def ingest(
         show = Progress(f"ingest {corpus}", enabled=progress)
         if show.enabled:
             show.total = count_lines(path)
-        field_types = FieldTypes(_documents_schema(warehouse))
+        field_types = FieldTypes(run.documents.schema)
         records = read_corpus(path, text_field=text_field, id_field=id_field, field_types=field_types)
         rejects = _Rejects(path, rejects_file or _default_rejects_file(warehouse, corpus), on_error=on_error)
         try:
@@ -347,10 +342,11 @@ class _Run:
         self.layers = layers
         self.batch_size = batch_size
         self.threads = threads
-        self._encoder: "Encoder | None" = None
+        self._encoder: Encoder | None = None
         warehouse = writer.warehouse
         self.stored = StoredKeys(warehouse.current_dataset(EMBEDDINGS), model=model_key, pooling=pooling, layers=layers)
-        self.existing = _existing_records(warehouse, corpus) if load_documents else {}
+        self.documents = warehouse.current_dataset(DOCUMENTS) if load_documents else None
+        self.existing = _existing_records(self.documents, corpus) if load_documents else {}
         self.updates: dict[str, tuple[Record, str, str]] = {}  # id -> changed record, written in batches
         self.seen_texts: set[str] = set()
         self.seen_ids: set[str] = set()
@@ -358,7 +354,7 @@ class _Run:
         self.embedded = self.reused = self.duplicates = self.truncated = self.duplicate_ids = 0
 
     @property
-    def encoder(self) -> "Encoder":
+    def encoder(self) -> Encoder:
         # Loaded on first need: a rerun that finds everything stored never starts onnxruntime.
         if self._encoder is None:
             from .encoder import Encoder

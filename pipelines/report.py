@@ -8,7 +8,6 @@ backend or global figure state.
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 from pipelines.metrics import Metrics
 from pipelines.training import EpochStats
 from warehouse.errors import MissingDependencyError
+from warehouse.formats import atomic_output
 
 CURVES_HEIGHT = 3.2  # inches
 CELL = 0.22  # inches per confusion-matrix class: 60 classes give a 13-inch matrix
@@ -131,11 +131,6 @@ def write_report(path: Path, *, history: Sequence[EpochStats], metrics: Metrics,
     )
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        figure.savefig(temporary, format="png")
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    with atomic_output(path, "wb") as handle:
+        figure.savefig(handle, format="png")
     return path
