@@ -149,59 +149,60 @@ def fit_head(
         train_seconds = time.perf_counter() - train_started
         y_true, y_pred = predict_batches(trained.module, data.batches("test", batch_size=EVAL_BATCH))
         metrics = classification_metrics(y_true, y_pred, classes=data.classes)
-        reused = data.documents - embedded
-        card = {
-            "name": name,
-            "model": key,
-            "model_source": row["source"],
-            "layer": layer,
-            "pooling": pooling,
-            "label": label,
-            "classes": data.classes,
-            "corpus": corpus,
-            "where": where,
-            "split": {"train": spec.train, "val": spec.val, "test": spec.test, "seed": spec.seed,
-                      "rule": "int(sha256(f'{seed}:{doc_hash}')[:8], 16) % 10000"},
-            "rows": dict(data.counts),
-            "missing_label": data.missing_label,
-            "no_vector": data.no_embedding,
-            "rare_classes": data.rare_classes,
-            "trained_on_version": data.version,
-            "hyperparameters": asdict(config),
-            "history": [asdict(epoch) for epoch in trained.history],
-            "best_epoch": trained.best_epoch,
-            "metrics": metrics.to_dict(),
-            "train_seconds": round(train_seconds, 3),
-            "created_at": now_utc().isoformat(),
-        }
-        with warehouse.writer() as writer:
-            try:
-                save_head(directory, trained.module, config=trained.config, card=card)
-                report = write_report(directory / "report.png", history=trained.history, metrics=metrics,
-                                      title=f"{name}: {label} from {key} layer {layer}")
-                writer.add_head(
-                    {
-                        "head": name, "model": key, "layer": layer, "pooling": pooling, "label": label, "kind": kind,
-                        "classes": data.classes, "accuracy": metrics.accuracy, "macro_f1": metrics.macro_f1,
-                        "train_rows": data.counts["train"], "val_rows": data.counts["val"],
-                        "test_rows": data.counts["test"], "trained_on_version": data.version,
-                        "artifact": str(directory.relative_to(warehouse.root)),
-                        "card": json.dumps(card, sort_keys=True), "created_at": now_utc(),
-                    }
-                )
-                writer.commit("fit-head", {"head": name, "label": label, "model": key, "layer": layer})
-            except BaseException:
-                # A head is stored whole or not at all: no unregistered folder holds its name.
-                shutil.rmtree(directory, ignore_errors=True)
-                raise
-        return FitResult(
-            head=name, path=str(directory), report=str(report), model=key, layer=layer, pooling=pooling, label=label,
-            kind=kind, classes=tuple(data.classes), accuracy=metrics.accuracy, macro_f1=metrics.macro_f1,
-            train=data.counts["train"], val=data.counts["val"], test=data.counts["test"],
-            missing_label=data.missing_label, no_vector=data.no_embedding, rare_classes=tuple(data.rare_classes), reused=reused, embedded=embedded,
-            epochs=len(trained.history), best_epoch=trained.best_epoch, train_seconds=round(train_seconds, 3),
-            seconds=round(time.perf_counter() - started, 3), version=data.version, metrics=metrics.to_dict(),
-        )
+    # DuckDB's copy of the vectors is closed, and its memory handed back, before the report is drawn.
+    reused = data.documents - embedded
+    card = {
+        "name": name,
+        "model": key,
+        "model_source": row["source"],
+        "layer": layer,
+        "pooling": pooling,
+        "label": label,
+        "classes": data.classes,
+        "corpus": corpus,
+        "where": where,
+        "split": {"train": spec.train, "val": spec.val, "test": spec.test, "seed": spec.seed,
+                  "rule": "int(sha256(f'{seed}:{doc_hash}')[:8], 16) % 10000"},
+        "rows": dict(data.counts),
+        "missing_label": data.missing_label,
+        "no_vector": data.no_embedding,
+        "rare_classes": data.rare_classes,
+        "trained_on_version": data.version,
+        "hyperparameters": asdict(config),
+        "history": [asdict(epoch) for epoch in trained.history],
+        "best_epoch": trained.best_epoch,
+        "metrics": metrics.to_dict(),
+        "train_seconds": round(train_seconds, 3),
+        "created_at": now_utc().isoformat(),
+    }
+    with warehouse.writer() as writer:
+        try:
+            save_head(directory, trained.module, config=trained.config, card=card)
+            report = write_report(directory / "report.png", history=trained.history, metrics=metrics,
+                                  title=f"{name}: {label} from {key} layer {layer}")
+            writer.add_head(
+                {
+                    "head": name, "model": key, "layer": layer, "pooling": pooling, "label": label, "kind": kind,
+                    "classes": data.classes, "accuracy": metrics.accuracy, "macro_f1": metrics.macro_f1,
+                    "train_rows": data.counts["train"], "val_rows": data.counts["val"],
+                    "test_rows": data.counts["test"], "trained_on_version": data.version,
+                    "artifact": str(directory.relative_to(warehouse.root)),
+                    "card": json.dumps(card, sort_keys=True), "created_at": now_utc(),
+                }
+            )
+            writer.commit("fit-head", {"head": name, "label": label, "model": key, "layer": layer})
+        except BaseException:
+            # A head is stored whole or not at all: no unregistered folder holds its name.
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+    return FitResult(
+        head=name, path=str(directory), report=str(report), model=key, layer=layer, pooling=pooling, label=label,
+        kind=kind, classes=tuple(data.classes), accuracy=metrics.accuracy, macro_f1=metrics.macro_f1,
+        train=data.counts["train"], val=data.counts["val"], test=data.counts["test"],
+        missing_label=data.missing_label, no_vector=data.no_embedding, rare_classes=tuple(data.rare_classes), reused=reused, embedded=embedded,
+        epochs=len(trained.history), best_epoch=trained.best_epoch, train_seconds=round(train_seconds, 3),
+        seconds=round(time.perf_counter() - started, 3), version=data.version, metrics=metrics.to_dict(),
+    )
 
 
 @contextmanager

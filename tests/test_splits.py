@@ -10,7 +10,11 @@ from warehouse.splits import LabelledVectors, SplitSpec
 DIM = 8
 
 
-def add(wh, start, stop, *, label="topic"):
+def every_third(i):
+    return f"class{i % 3}"
+
+
+def add(wh, start, stop, *, label="topic", labeller=every_third):
     texts = [f"document number {i}" for i in range(start, stop)]
     hashes = [doc_hash(t) for t in texts]
     rng = np.random.default_rng(start)
@@ -23,7 +27,7 @@ def add(wh, start, stop, *, label="topic"):
                     "doc_hash": hashes,
                     "text": texts,
                     "record_hash": hashes,
-                    label: [None if i % 10 == 0 else f"class{i % 3}" for i in range(start, stop)],
+                    label: [None if i % 10 == 0 else labeller(i) for i in range(start, stop)],
                 }
             )
         )
@@ -79,8 +83,9 @@ def test_another_seed_gives_another_split(wh):
     assert first != second
 
 
-def test_epochs_are_shuffled_reproducibly(wh):
-    with LabelledVectors(wh, model="m-000000000000", layer=2, pooling="mean", label="topic") as data:
+@pytest.mark.parametrize("pile_rows", [8192, 32])
+def test_epochs_are_shuffled_reproducibly(wh, pile_rows):
+    with LabelledVectors(wh, model="m-000000000000", layer=2, pooling="mean", label="topic", pile_rows=pile_rows) as data:
         one = np.concatenate([x for x, _ in data.batches("train", batch_size=16, epoch=1)])
         again = np.concatenate([x for x, _ in data.batches("train", batch_size=16, epoch=1)])
         two = np.concatenate([x for x, _ in data.batches("train", batch_size=16, epoch=2)])
@@ -90,6 +95,20 @@ def test_epochs_are_shuffled_reproducibly(wh):
         assert np.allclose(np.sort(one, axis=0), np.sort(two, axis=0))
         assert data.classes == ["class0", "class1", "class2"]
         assert data.missing_label == 30
+
+
+def test_a_corpus_ingested_in_label_order_still_gives_mixed_batches(tmp_path):
+    wh = Warehouse.open(tmp_path / "wh", create=True)
+    add(wh, 0, 900, labeller=lambda i: f"class{i // 300}")  # 300 of class0, then class1, then class2
+    with LabelledVectors(wh, model="m-000000000000", layer=2, pooling="mean", label="topic", pile_rows=64) as data:
+        assert data.piles["train"] == -(-data.counts["train"] // 64) > 1
+        batches = [y for _, y in data.batches("train", batch_size=32, epoch=1)]
+        labels = np.concatenate(batches)
+        assert len(labels) == data.counts["train"]
+        assert np.array_equal(np.bincount(labels), np.bincount(np.concatenate([y for _, y in data.batches("train", batch_size=500)])))
+        # Every full batch mixes the classes, and the epoch does not start with the first class.
+        assert all(len(set(y.tolist())) > 1 for y in batches if len(y) == 32)
+        assert set(batches[0].tolist()) != {0}
 
 
 def test_unknown_label_lists_the_usable_fields(wh):

@@ -78,6 +78,7 @@ def connect(
             "python_enable_replacements": False,
             # Hand freed memory back to the OS early: peak RSS, not only DuckDB's own limit, stays low.
             "allocator_flush_threshold": "32MB",
+            "allocator_background_threads": True,
         },
     )
     for table in TABLES:

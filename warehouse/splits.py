@@ -8,14 +8,15 @@ A document's split is a pure function of its ``doc_hash`` and the split seed:
 so a document never changes split when the warehouse grows or rows arrive in another order,
 and identical texts (one doc_hash) always share a split: test never leaks into train.
 
-The labelled vectors are copied once into a DuckDB table (raw float32 bytes) in a seeded
-random order, which DuckDB keeps within its memory limit and spills to disk beyond it; every
-epoch streams them back a few thousand rows at a time, shuffled again within windows of
-SHUFFLE_ROWS rows by a generator seeded with the epoch (a shuffle buffer).
+The labelled vectors are copied once into DuckDB (raw float32 bytes), scattered into piles
+of about PILE_ROWS rows by a seeded hash, so every pile is a random sample of its split;
+DuckDB keeps them within its memory limit and spills to disk beyond it. Every epoch reads
+the piles in a seeded random order and shuffles each one in memory: one pile at a time.
 """
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -36,8 +37,9 @@ SPLITS = ("train", "val", "test")
 BUCKETS = 10_000
 FETCH_ROWS = 8192
 # DuckDB's limit for ew's own queries: it spills beyond it, and fit-head's peak RSS stays low.
-INTERNAL_MEMORY_LIMIT = "256MB"
-SHUFFLE_ROWS = 8192  # rows shuffled together within an epoch (~12 MB of 384-wide vectors)
+INTERNAL_MEMORY_LIMIT = "128MB"
+PILE_ROWS = 8192  # rows shuffled together within an epoch (~12 MB of 384-wide vectors)
+SCATTER_BYTES = 32 << 20  # vectors held back, all piles together, while they are copied in
 
 
 @dataclass(frozen=True)
@@ -189,6 +191,13 @@ class LabelledVectors:
     """The labelled vectors of one model / layer / pooling at one warehouse version, split by doc_hash.
 
     Rows are distinct (doc_hash, label) pairs: a text stored twice with the same label counts once.
+
+    The rows of each split are scattered into piles of about ``pile_rows`` rows by a seeded hash
+    of (doc_hash, label): every pile is a uniform random sample of its split, whatever order
+    the corpus was ingested in. An epoch reads the piles in an order drawn from (seed, epoch)
+    and shuffles each pile's rows with the same generator, so at most one pile is in memory.
+    DuckDB keeps the piles within its memory limit and spills the rest to its temp directory;
+    nothing is ever sorted as a whole (DuckDB cannot sort wide rows far beyond its limit).
     """
 
     warehouse: "Warehouse"
@@ -202,22 +211,27 @@ class LabelledVectors:
     version: int | None = None
     memory_limit: str = INTERNAL_MEMORY_LIMIT
     threads: int | None = None
+    pile_rows: int = PILE_ROWS
 
     def __post_init__(self) -> None:
         snapshot = self._snapshot = self.warehouse.snapshot(self.version)
         self.version = snapshot.version
         self._documents = DocumentFilter(label=self.label, corpus=self.corpus, where=self.where)
         self._documents.check(self.warehouse.dataset(DOCUMENTS, snapshot).schema.names)
-        # DuckDB keeps its tables within memory_limit and pages the rest to its temp directory.
         self._con = connect(self.warehouse, snapshot, memory_limit=self.memory_limit, threads=self.threads)
         try:
-            self._materialize()
+            self._count()
+            self._scatter()
         except duckdb.Error as error:
             self.close()
             raise QueryError(f"assembling the training data failed: {first_line(error)}") from None
+        finally:
+            # Hand the Arrow buffers of the copy back to the OS before training starts.
+            pa.default_memory_pool().release_unused()
 
     # -- building ------------------------------------------------------------------
-    def _materialize(self) -> None:
+    def _count(self) -> None:
+        """Narrow queries first (no vectors): labels, splits, classes, and each row's pile."""
         con = self._con
         label = quote(self.label)
         condition, params = self._documents.condition(labelled=False)
@@ -230,20 +244,59 @@ class LabelledVectors:
             f"FROM documents WHERE {condition}",
             params,
         )
-        vector_filter = "model = ? AND layer = ? AND pooling = ?"
+        vectors = "(SELECT doc_hash FROM embeddings WHERE model = ? AND layer = ? AND pooling = ?)"
         vector_params = [self.model, self.layer, self.pooling]
         #: Labelled texts without a vector of this model/layer at this version (left out).
         self.no_embedding = con.execute(
-            f"SELECT count(*) FROM labelled ANTI JOIN (SELECT doc_hash FROM embeddings WHERE {vector_filter}) USING (doc_hash)",
-            vector_params,
+            f"SELECT count(*) FROM labelled ANTI JOIN {vectors} USING (doc_hash)", vector_params
         ).fetchone()[0]
-        self.dim = 0
         con.execute(
-            f"CREATE TABLE labelled_split AS SELECT doc_hash, label, {self.spec.sql()} AS split FROM labelled"
+            f"CREATE TABLE present AS SELECT l.doc_hash, l.label, {self.spec.sql('l.doc_hash')} AS split "
+            f"FROM labelled l JOIN {vectors} USING (doc_hash)",
+            vector_params,
         )
-        con.execute("CREATE TABLE staged (doc_hash VARCHAR, label VARCHAR, split VARCHAR, x BLOB)")
+        con.execute("DROP TABLE labelled")
+        #: Distinct texts (doc_hash) among the rows.
+        self.documents = con.execute("SELECT count(DISTINCT doc_hash) FROM present").fetchone()[0]
+        per_class: dict[str, dict[str, int]] = {}
+        for name, split, count in con.execute("SELECT label, split, count(*) FROM present GROUP BY ALL").fetchall():
+            per_class.setdefault(name, {s: 0 for s in SPLITS})[split] = count
+        self.classes = sorted(per_class)
+        self.counts = {s: sum(c[s] for c in per_class.values()) for s in SPLITS}
+        #: Classes too small to appear in every split.
+        self.rare_classes = [name for name in self.classes if min(per_class[name].values()) == 0]
+        #: Piles per split: each holds about pile_rows rows.
+        self.piles = {s: max(1, math.ceil(self.counts[s] / self.pile_rows)) for s in SPLITS}
+        con.register("ew_classes", pa.table({"label": self.classes, "y": np.arange(len(self.classes), dtype=np.int64)}))
+        pile = " ".join(f"WHEN '{s}' THEN {n}" for s, n in self.piles.items())
+        con.execute(
+            f"CREATE TABLE keys AS SELECT p.doc_hash, p.split, c.y, "
+            f"hash(p.doc_hash, p.label, $seed) % (CASE p.split {pile} END) AS pile "
+            "FROM present p JOIN ew_classes c USING (label)",
+            {"seed": self.spec.seed},
+        )
+        con.unregister("ew_classes")
+        con.execute("DROP TABLE present")
+
+    def _scatter(self) -> None:
+        """Copy every vector once, from the pinned Parquet files into its pile."""
+        con = self._con
+        for split, count in self.piles.items():
+            for pile in range(count):
+                con.execute(f"CREATE TABLE {_pile_table(split, pile)} (doc_hash VARCHAR, y BIGINT, x BLOB)")
+        self.dim = 0
+        buffers: dict[tuple[str, int], list[pa.Table]] = {}
+        buffered: dict[tuple[str, int], int] = {}
+        flush_rows = 0
+
+        def flush(key: tuple[str, int]) -> None:
+            con.register("ew_rows", pa.concat_tables(buffers.pop(key)))
+            con.execute(f"INSERT INTO {_pile_table(*key)} SELECT doc_hash, y, x FROM ew_rows")
+            con.unregister("ew_rows")
+            buffered.pop(key)
+
         # Vectors come straight from the Parquet files of the pinned version (Arrow lists), which
-        # is far faster than DuckDB's list conversion; DuckDB joins each batch with the labels.
+        # is far faster than DuckDB's list conversion; DuckDB joins each batch with its keys.
         vectors = self.warehouse.dataset(EMBEDDINGS, self._snapshot)
         wanted = (pc.field("model") == self.model) & (pc.field("layer") == self.layer) & (pc.field("pooling") == self.pooling)
         # Little read-ahead: the copy into DuckDB is the bottleneck, and buffered batches are RSS.
@@ -253,41 +306,36 @@ class LabelledVectors:
                 continue
             if not self.dim:
                 self.dim = len(batch.column("embedding")[0])
+                # Rows held back per pile between inserts: all piles together stay within SCATTER_BYTES.
+                flush_rows = max(64, SCATTER_BYTES // ((self.dim * 4 + 100) * sum(self.piles.values())))
             con.register("ew_chunk", pa.table({"doc_hash": batch.column("doc_hash"), "x": _blob_column(batch.column("embedding"), self.dim)}))
-            con.execute(
-                "INSERT INTO staged SELECT l.doc_hash, l.label, l.split, c.x FROM ew_chunk c JOIN labelled_split l USING (doc_hash)"
-            )
+            # A total order within the batch: the piles' contents do not depend on DuckDB's threads.
+            rows = con.sql(
+                "SELECT k.split, k.pile, c.doc_hash, k.y, c.x FROM ew_chunk c JOIN keys k USING (doc_hash) "
+                "ORDER BY k.split, k.pile, c.doc_hash, k.y"
+            ).to_arrow_table()
             con.unregister("ew_chunk")
-        #: Distinct texts (doc_hash) among the rows.
-        self.documents = con.execute("SELECT count(DISTINCT doc_hash) FROM staged").fetchone()[0]
-        counts = con.execute("SELECT label, split, count(*) FROM staged GROUP BY ALL").fetchall()
-        per_class: dict[str, dict[str, int]] = {}
-        for name, split, count in counts:
-            per_class.setdefault(name, {s: 0 for s in SPLITS})[split] = count
-        self.classes = sorted(per_class)
-        self.counts = {s: sum(c[s] for c in per_class.values()) for s in SPLITS}
-        #: Classes too small to appear in every split.
-        self.rare_classes = [name for name in self.classes if min(per_class[name].values()) == 0]
-        con.register("ew_classes", pa.table({"label": self.classes, "y": np.arange(len(self.classes), dtype=np.int64)}))
-        con.execute("CREATE TABLE classes AS SELECT * FROM ew_classes")
-        con.unregister("ew_classes")
-        # One seeded shuffle, stored: every later read is a plain scan in this order (no sort
-        # per epoch, nothing materialized but DuckDB's pages), and epochs re-shuffle locally.
-        con.execute(
-            "CREATE TABLE examples AS SELECT s.split, s.doc_hash, s.x, c.y FROM staged s JOIN classes c USING (label) "
-            "ORDER BY hash(s.doc_hash, s.label, $seed), s.doc_hash, s.label",
-            {"seed": self.spec.seed},
-        )
-        con.execute("DROP TABLE staged")
-        # Hand the Arrow buffers of the copy back to the OS before training starts.
-        pa.default_memory_pool().release_unused()
+            splits = rows.column("split").to_pylist()
+            piles = rows.column("pile").to_numpy()
+            edges = [0] + [i for i in range(1, len(splits)) if splits[i] != splits[i - 1] or piles[i] != piles[i - 1]] + [len(splits)]
+            for start, stop in zip(edges, edges[1:]):
+                if start == stop:
+                    continue
+                key = (splits[start], int(piles[start]))
+                buffers.setdefault(key, []).append(rows.slice(start, stop - start))
+                buffered[key] = buffered.get(key, 0) + stop - start
+                if buffered[key] >= flush_rows:
+                    flush(key)
+        for key in sorted(buffers):
+            flush(key)
+        con.execute("DROP TABLE keys")
 
     # -- reading -------------------------------------------------------------------
     def batches(self, split: str, *, batch_size: int, epoch: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(x (B, dim) float32, y (B,) int64) batches of ``split``.
 
-        With ``epoch``, rows are shuffled within windows of SHUFFLE_ROWS by a generator seeded
-        with (split seed, epoch): the same epoch always gives the same batches.
+        With ``epoch``, the piles come in an order drawn by a generator seeded with (split seed,
+        epoch), each shuffled by the same generator: the same epoch always gives the same batches.
         """
         for x, y, _ in self._stream(split, batch_size=batch_size, epoch=epoch, keys=False):
             yield x, y
@@ -299,25 +347,27 @@ class LabelledVectors:
     def _stream(self, split: str, *, batch_size: int, epoch: int | None, keys: bool):
         if split not in SPLITS:
             raise EwError(f"unknown split {split!r}; one of {', '.join(SPLITS)}")
+        rng = None if epoch is None else np.random.default_rng([self.spec.seed, epoch])
+        piles = range(self.piles[split]) if rng is None else rng.permutation(self.piles[split])
+        columns = "x, y, doc_hash" if keys else "x, y"
         # A cursor of its own, so a stream can run in a prefetch thread beside another.
         cursor = self._con.cursor()
-        reader = cursor.sql(
-            "SELECT x, y, doc_hash FROM examples WHERE split = $split", params={"split": split}
-        ).to_arrow_reader(FETCH_ROWS)
-        rng = None if epoch is None else np.random.default_rng([self.spec.seed, epoch])
         try:
-            for window in _windows(reader, SHUFFLE_ROWS if rng is not None else FETCH_ROWS):
-                x = _matrix(window.column("x"), self.dim)
-                y = window.column("y").to_numpy()
-                hashes = window.column("doc_hash").to_pylist() if keys else None
-                order = rng.permutation(len(y)) if rng is not None else None
-                for start in range(0, len(y), batch_size):
-                    if order is None:
+            for pile in piles:
+                reader = cursor.sql(f"SELECT {columns} FROM {_pile_table(split, int(pile))}").to_arrow_reader(FETCH_ROWS)
+                # A pile is about pile_rows rows: read whole when shuffling, batch by batch otherwise.
+                for window in (_windows(reader, self.pile_rows * 2) if rng is not None else reader):
+                    x = _matrix(window.column("x"), self.dim)
+                    y = window.column("y").to_numpy()
+                    hashes = window.column("doc_hash").to_pylist() if keys else None
+                    if rng is not None:
+                        # One shuffled copy per pile, batches are views of it: few, same-sized
+                        # allocations keep the allocator's heap from fragmenting across epochs.
+                        order = rng.permutation(len(y))
+                        x, y = x[order], y[order]
+                    for start in range(0, len(y), batch_size):
                         rows = slice(start, start + batch_size)
                         yield x[rows], y[rows], (hashes[rows] if keys else None)
-                    else:
-                        rows = order[start : start + batch_size]
-                        yield x[rows], y[rows], ([hashes[i] for i in rows] if keys else None)
         finally:
             cursor.close()
 
@@ -329,3 +379,7 @@ class LabelledVectors:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _pile_table(split: str, pile: int) -> str:
+    return f"pile_{split}_{pile}"
