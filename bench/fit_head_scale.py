@@ -1,0 +1,123 @@
+"""Peak memory of ew fit-head as the warehouse grows, beside loading the vectors into NumPy.
+
+    python -m bench.fit_head_scale [--factors 1,2,4,8] [--epochs 2]
+
+Builds warehouses holding 1x, 2x, 4x, 8x the Debian corpus's stored MiniLM vectors (copy c
+of a document gets its own doc_hash and id, its own corpus `copy<c>`, the same text, label
+and vector), then measures the peak RSS of `ew fit-head --label section` on each, beside the
+peak RSS of what a user would do without ew: read the vectors of that model/layer from the
+Delta table into one NumPy matrix (deltalake + pyarrow), before any training. ew's peak
+should stay flat while the in-memory one grows with the data. Needs the Debian warehouse of
+`python -m bench.fit_head` (bench/.warehouse); writes bench/results/fit_head_scale.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from warehouse import Warehouse
+from warehouse.keys import doc_hash as hash_text
+from warehouse.tables import DOCUMENTS, EMBEDDINGS, MODELS
+
+from .common import save
+
+HERE = Path(__file__).resolve().parent
+LOAD_INTO_NUMPY = """
+import sys, numpy as np
+from deltalake import DeltaTable
+table = DeltaTable(sys.argv[1] + "/embeddings").to_pyarrow_table(
+    partitions=[("model", "=", sys.argv[2]), ("layer", "=", sys.argv[3])], columns=["doc_hash", "embedding"])
+matrix = np.asarray(table.column("embedding").combine_chunks().flatten()).reshape(table.num_rows, -1)
+print(matrix.shape[0])
+"""
+
+
+def peak_rss_mb(command: list[str]) -> tuple[float, str, float]:
+    """Run ``command``; its own peak RSS in MB (from wait4, not the running maximum over children), stdout, seconds."""
+    started = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        child = subprocess.Popen(command, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+        seconds = time.perf_counter() - started
+        out.seek(0), err.seek(0)
+        if child.returncode:
+            raise SystemExit(f"{' '.join(command[:6])} ... failed:\n{err.read()}")
+        return usage.ru_maxrss / 1024, out.read(), seconds
+
+
+def build(source: Warehouse, target: Path, *, factor: int, model: str, layer: int) -> Warehouse:
+    """A warehouse holding ``factor`` copies of ``source``'s labelled documents and their vectors."""
+    wh = Warehouse.open(target, create=True)
+    if wh.snapshot().version is not None and wh.current_dataset(MODELS).count_rows():
+        return wh
+    docs = source.current_dataset(DOCUMENTS).to_table(columns=["corpus", "id", "doc_hash", "text", "record_hash", "section"])
+    vectors = source.current_dataset(EMBEDDINGS).to_table(
+        columns=["doc_hash", "model", "layer", "pooling", "embedding"],
+        filter=(pc.field("model") == model) & (pc.field("layer") == layer),
+    )
+    models = source.current_dataset(MODELS).to_table().filter(pc.field("model") == model)
+    with wh.writer() as writer:
+        writer.register_model(models.to_pylist()[0])
+        for copy in range(factor):
+            def renamed(hashes: pa.ChunkedArray) -> pa.Array:
+                return pa.array([hash_text(f"copy {copy} of {h}") for h in hashes.to_pylist()])
+
+            writer.upsert_documents(
+                docs.set_column(0, "corpus", pa.array([f"copy{copy}"] * docs.num_rows))
+                .set_column(2, "doc_hash", renamed(docs.column("doc_hash")))
+            )
+            writer.append_embeddings(vectors.set_column(0, "doc_hash", renamed(vectors.column("doc_hash"))))
+            writer.commit("bench-copy", {"copy": copy})
+    return wh
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", type=Path, default=HERE / ".warehouse")
+    parser.add_argument("--factors", default="1,2,4,8")
+    parser.add_argument("--epochs", type=int, default=2)
+    args = parser.parse_args()
+
+    source = Warehouse.open(args.source)
+    model = source.current_dataset(MODELS).to_table().column("model")[0].as_py()
+    layer = 6
+    rows = []
+    for factor in (int(f) for f in args.factors.split(",")):
+        target = HERE / ".scale" / f"x{factor}"
+        wh = build(source, target, factor=factor, model=model, layer=layer)
+        ew_mb, out, ew_seconds = peak_rss_mb(
+            [sys.executable, "-m", "pipelines.cli", "-w", str(target), "fit-head", "--label", "section",
+             "--epochs", str(args.epochs), "--name", f"scale-{int(time.time())}", "--json"]
+        )
+        fit = json.loads(out)
+        numpy_mb, loaded, numpy_seconds = peak_rss_mb([sys.executable, "-c", LOAD_INTO_NUMPY, str(wh.root), model, str(layer)])
+        row = {"factor": factor, "rows": fit["train"] + fit["val"] + fit["test"], "vectors_in_numpy": int(loaded),
+               "ew_fit_head_peak_rss_mb": round(ew_mb, 1), "ew_fit_head_seconds": round(ew_seconds, 1),
+               "numpy_load_peak_rss_mb": round(numpy_mb, 1), "numpy_load_seconds": round(numpy_seconds, 1),
+               "ew_over_numpy": round(ew_mb / numpy_mb, 3), "accuracy": fit["accuracy"]}
+        rows.append(row)
+        print(f"  x{factor}: {row['rows']:,} rows  ew fit-head peak {ew_mb:,.0f} MB ({ew_seconds:.0f}s)  "
+              f"NumPy load alone peak {numpy_mb:,.0f} MB  ratio {ew_mb / numpy_mb:.2f}x")
+    growth = rows[-1]["ew_fit_head_peak_rss_mb"] / rows[0]["ew_fit_head_peak_rss_mb"]
+    grown = rows[-1]["numpy_load_peak_rss_mb"] / rows[0]["numpy_load_peak_rss_mb"]
+    data_growth = rows[-1]["rows"] / rows[0]["rows"]
+    print(f"data x{data_growth:.1f}: ew fit-head peak RSS x{growth:.2f}, NumPy load peak RSS x{grown:.2f}")
+    path = save("fit_head_scale", {"config": {"model": model, "layer": layer, "label": "section", "epochs": args.epochs},
+                                   "sizes": rows, "data_growth": round(data_growth, 2),
+                                   "ew_peak_growth": round(growth, 3), "numpy_peak_growth": round(grown, 3)})
+    print(f"  written to {path}")
+
+
+if __name__ == "__main__":
+    main()
