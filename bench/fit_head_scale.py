@@ -7,7 +7,9 @@ of a document gets its own doc_hash and id, its own corpus `copy<c>`, the same t
 and vector), then measures the peak RSS of `ew fit-head --label section` on each, beside the
 peak RSS of what a user would do without ew: read the vectors of that model/layer from the
 Delta table into one NumPy matrix (deltalake + pyarrow), before any training. ew's peak
-should stay flat while the in-memory one grows with the data. Needs the Debian warehouse of
+should stay flat while the in-memory one grows with the data. (Accuracy is printed but means
+little here: copies of one text have different doc_hashes, so they fall into different
+splits.) Needs the Debian warehouse of
 `python -m bench.fit_head` (bench/.warehouse); writes bench/results/fit_head_scale.json.
 """
 from __future__ import annotations
