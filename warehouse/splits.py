@@ -241,6 +241,9 @@ class LabelledVectors:
         except duckdb.Error as error:
             self.close()
             raise QueryError(f"assembling the training data failed: {first_line(error)}") from None
+        except BaseException:  # a bad vector, Ctrl-C: nothing stays open
+            self.close()
+            raise
         finally:
             # Hand the Arrow buffers of the copy back to the OS before training starts.
             pa.default_memory_pool().release_unused()
