@@ -63,8 +63,12 @@ def connect(
     memory_limit: str = DEFAULT_MEMORY_LIMIT,
     threads: int | None = None,
     database: str = ":memory:",
+    settings: dict[str, object] | None = None,
 ) -> duckdb.DuckDBPyConnection:
-    """A DuckDB (in memory by default) with one view per table at ``snapshot``, then locked down."""
+    """A DuckDB (in memory by default) with one view per table at ``snapshot``, then locked down.
+
+    ``settings`` are further DuckDB settings for ew's own queries (never a user's).
+    """
     con = duckdb.connect(
         database,
         config={
@@ -79,10 +83,12 @@ def connect(
             # Hand freed memory back to the OS early: peak RSS, not only DuckDB's own limit, stays low.
             "allocator_flush_threshold": "32MB",
             "allocator_background_threads": True,
+            **(settings or {}),
         },
     )
     for table in TABLES:
         con.register(table, warehouse.dataset(table, snapshot))
+    con.execute("SET enable_progress_bar = false")  # ew's output is its own: no bar drawn over it
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
     return con

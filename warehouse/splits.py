@@ -42,6 +42,7 @@ FETCH_ROWS = 8192
 INTERNAL_MEMORY_LIMIT = "128MB"
 PILE_ROWS = 8192  # rows shuffled together within an epoch (~12 MB of 384-wide vectors)
 SCATTER_BYTES = 32 << 20  # vectors held back, all piles together, while they are copied in
+BLOBS = pa.schema([("doc_hash", pa.string()), ("x", pa.large_binary())])
 
 
 @dataclass(frozen=True)
@@ -98,20 +99,6 @@ def _blob_column(vectors: pa.ListArray | pa.ChunkedArray, dim: int) -> pa.Array:
     data = np.ascontiguousarray(values.to_numpy(zero_copy_only=False))
     offsets = np.arange(0, (len(vectors) + 1) * dim * 4, dim * 4, dtype=np.int64)
     return pa.Array.from_buffers(pa.large_binary(), len(vectors), [None, pa.py_buffer(offsets), pa.py_buffer(data)])
-
-
-def _windows(reader: pa.RecordBatchReader, rows: int) -> Iterator[pa.Table]:
-    """Consecutive tables of about ``rows`` rows from a stream of record batches."""
-    pending: list[pa.RecordBatch] = []
-    count = 0
-    for batch in reader:
-        pending.append(batch)
-        count += batch.num_rows
-        if count >= rows:
-            yield pa.Table.from_batches(pending)
-            pending, count = [], 0
-    if count:
-        yield pa.Table.from_batches(pending)
 
 
 def _matrix(blobs: pa.Array, dim: int) -> np.ndarray:
@@ -234,7 +221,9 @@ class LabelledVectors:
         self.version = snapshot.version
         self._documents = DocumentFilter(label=self.label, corpus=self.corpus, where=self.where)
         self._documents.check(self.warehouse.dataset(DOCUMENTS, snapshot).schema.names)
-        self._con = connect(self.warehouse, snapshot, memory_limit=self.memory_limit, threads=self.threads)
+        # The vectors stream through joins on the probe side: only narrow keys are ever hashed.
+        self._con = connect(self.warehouse, snapshot, memory_limit=self.memory_limit, threads=self.threads,
+                            settings={"disabled_optimizers": "build_side_probe_side"})
         try:
             self._count()
             self._scatter()
@@ -298,54 +287,66 @@ class LabelledVectors:
         con.execute("DROP TABLE present")
 
     def _scatter(self) -> None:
-        """Copy every vector once, from the pinned Parquet files into its pile."""
-        con = self._con
-        for split, count in self.piles.items():
-            for pile in range(count):
-                con.execute(f"CREATE TABLE {_pile_table(split, pile)} (doc_hash VARCHAR, y BIGINT, x BLOB)")
+        """Copy every vector once, from the pinned Parquet files into its pile.
+
+        One streaming join: DuckDB builds its hash table on the narrow ``keys`` once and probes
+        it with the vectors as they are read, so the copy is linear in the number of vectors.
+        Rows reach the piles in no fixed order; readers sort each pile (see :meth:`_stream`).
+        """
+        names = [_pile_table(split, pile) for split in SPLITS for pile in range(self.piles[split])]
+        first = dict(zip(SPLITS, np.cumsum([0] + [self.piles[s] for s in SPLITS[:-1]])))
+        for name in names:
+            self._con.execute(f"CREATE TABLE {name} (doc_hash VARCHAR, y BIGINT, x BLOB)")
         self.dim = 0
-        buffers: dict[tuple[str, int], list[pa.Table]] = {}
-        buffered: dict[tuple[str, int], int] = {}
-        flush_rows = 0
 
-        def flush(key: tuple[str, int]) -> None:
-            con.register("ew_rows", pa.concat_tables(buffers.pop(key)))
-            con.execute(f"INSERT INTO {_pile_table(*key)} SELECT doc_hash, y, x FROM ew_rows")
-            con.unregister("ew_rows")
-            buffered.pop(key)
+        def blobs() -> Iterator[pa.RecordBatch]:
+            vectors = self.warehouse.dataset(EMBEDDINGS, self._snapshot)
+            for batch in _vector_batches(vectors, model=self.model, layer=self.layer, pooling=self.pooling):
+                if batch.num_rows:
+                    self.dim = self.dim or len(batch.column("embedding")[0])
+                    yield pa.record_batch([batch.column("doc_hash").cast(pa.string()), _blob_column(batch.column("embedding"), self.dim)],
+                                          schema=BLOBS)
 
-        # Vectors come straight from the Parquet files of the pinned version (Arrow lists), which
-        # is far faster than DuckDB's list conversion; DuckDB joins each batch with its keys.
-        vectors = self.warehouse.dataset(EMBEDDINGS, self._snapshot)
-        for batch in _vector_batches(vectors, model=self.model, layer=self.layer, pooling=self.pooling):
-            if batch.num_rows == 0:
-                continue
-            if not self.dim:
-                self.dim = len(batch.column("embedding")[0])
-                # Rows held back per pile between inserts: all piles together stay within SCATTER_BYTES.
-                flush_rows = max(64, SCATTER_BYTES // ((self.dim * 4 + 100) * sum(self.piles.values())))
-            con.register("ew_chunk", pa.table({"doc_hash": batch.column("doc_hash"), "x": _blob_column(batch.column("embedding"), self.dim)}))
-            # A total order within the batch: the piles' contents do not depend on DuckDB's threads.
-            rows = con.sql(
-                "SELECT k.split, k.pile, c.doc_hash, k.y, c.x FROM ew_chunk c JOIN keys k USING (doc_hash) "
-                "ORDER BY k.split, k.pile, c.doc_hash, k.y"
-            ).to_arrow_table()
-            con.unregister("ew_chunk")
-            splits = rows.column("split").to_pylist()
-            piles = rows.column("pile").to_numpy()
-            edges = [0] + [i for i in range(1, len(splits)) if splits[i] != splits[i - 1] or piles[i] != piles[i - 1]] + [len(splits)]
-            for start, stop in zip(edges, edges[1:]):
-                if start == stop:
-                    continue
-                key = (splits[start], int(piles[start]))
-                # A copy of the rows, not a slice: a slice would keep the whole batch alive.
-                buffers.setdefault(key, []).append(rows.take(np.arange(start, stop)))
-                buffered[key] = buffered.get(key, 0) + stop - start
-                if buffered[key] >= flush_rows:
-                    flush(key)
-        for key in sorted(buffers):
-            flush(key)
-        con.execute("DROP TABLE keys")
+        buffers: dict[int, list[pa.Table]] = {}
+        buffered: dict[int, int] = {}
+        inserter = self._con.cursor()  # the join's result stays open on the main connection
+
+        def flush(pile: int) -> None:
+            inserter.register("ew_rows", pa.concat_tables(buffers.pop(pile)))
+            inserter.execute(f"INSERT INTO {names[pile]} SELECT doc_hash, y, x FROM ew_rows")
+            inserter.unregister("ew_rows")
+            buffered.pop(pile)
+
+        self._con.register("ew_vectors", pa.RecordBatchReader.from_batches(BLOBS, blobs()))
+        joined = None
+        try:
+            joined = self._con.sql(
+                "SELECT k.split, k.pile, v.doc_hash, k.y, v.x FROM ew_vectors v JOIN keys k USING (doc_hash)"
+            ).to_arrow_reader(FETCH_ROWS)
+            for rows in joined:
+                # Rows held back per pile between inserts: all piles together within SCATTER_BYTES.
+                flush_rows = max(64, SCATTER_BYTES // ((self.dim * 4 + 100) * len(names)))
+                splits = pc.index_in(rows.column("split"), value_set=pa.array(SPLITS)).to_numpy(zero_copy_only=False)
+                piles = np.array([first[s] for s in SPLITS])[splits] + rows.column("pile").to_numpy(zero_copy_only=False).astype(np.int64)
+                order = np.argsort(piles, kind="stable")
+                edges = np.flatnonzero(np.diff(piles[order])) + 1
+                for group in np.split(order, edges):
+                    if not len(group):
+                        continue
+                    pile = int(piles[group[0]])
+                    # A copy of the rows (take), not a slice that would keep the whole batch alive.
+                    buffers.setdefault(pile, []).append(pa.Table.from_batches([rows.take(group)]))
+                    buffered[pile] = buffered.get(pile, 0) + len(group)
+                    if buffered[pile] >= flush_rows:
+                        flush(pile)
+            for pile in sorted(buffers):
+                flush(pile)
+        finally:
+            if joined is not None:
+                joined.close()
+            self._con.unregister("ew_vectors")
+            inserter.close()
+        self._con.execute("DROP TABLE keys")
 
     # -- reading -------------------------------------------------------------------
     def batches(self, split: str, *, batch_size: int, epoch: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -366,25 +367,23 @@ class LabelledVectors:
             raise EwError(f"unknown split {split!r}; one of {', '.join(SPLITS)}")
         rng = None if epoch is None else np.random.default_rng([self.spec.seed, epoch])
         piles = range(self.piles[split]) if rng is None else rng.permutation(self.piles[split])
-        columns = "x, y, doc_hash" if keys else "x, y"
         # A cursor of its own, so a stream can run in a prefetch thread beside another.
         cursor = self._con.cursor()
         try:
             for pile in piles:
-                reader = cursor.sql(f"SELECT {columns} FROM {_pile_table(split, int(pile))}").to_arrow_reader(FETCH_ROWS)
-                # A pile is about pile_rows rows: read whole when shuffling, batch by batch otherwise.
-                for window in (_windows(reader, self.pile_rows * 2) if rng is not None else reader):
-                    x = _matrix(window.column("x"), self.dim)
-                    y = window.column("y").to_numpy()
-                    hashes = window.column("doc_hash").to_pylist() if keys else None
-                    if rng is not None:
-                        # One shuffled copy per pile, batches are views of it: few, same-sized
-                        # allocations keep the allocator's heap from fragmenting across epochs.
-                        order = rng.permutation(len(y))
-                        x, y = x[order], y[order]
-                    for start in range(0, len(y), batch_size):
-                        rows = slice(start, start + batch_size)
-                        yield x[rows], y[rows], (hashes[rows] if keys else None)
+                rows = cursor.sql(f"SELECT x, y, doc_hash FROM {_pile_table(split, int(pile))}").to_arrow_table()
+                # Rows were stored in no fixed order: sorted by key first, every epoch is reproducible.
+                order = pc.sort_indices(rows, sort_keys=[("doc_hash", "ascending"), ("y", "ascending")]).to_numpy()
+                if rng is not None:
+                    order = order[rng.permutation(len(order))]
+                # One reordered copy per pile, batches are views of it: few, same-sized
+                # allocations keep the allocator's heap from fragmenting across epochs.
+                x = _matrix(rows.column("x"), self.dim)[order]
+                y = rows.column("y").to_numpy()[order]
+                hashes = rows.column("doc_hash").take(order).to_pylist() if keys else None
+                for start in range(0, len(y), batch_size):
+                    window = slice(start, start + batch_size)
+                    yield x[window], y[window], (hashes[window] if keys else None)
         finally:
             cursor.close()
 
