@@ -97,6 +97,18 @@ def test_epochs_are_shuffled_reproducibly(wh, pile_rows):
         assert data.missing_label == 30
 
 
+def test_a_fresh_copy_gives_the_same_epochs(wh):
+    add(wh, 300, 600)  # vectors in two files: rows reach DuckDB's join in no fixed order
+
+    def epoch():
+        with LabelledVectors(wh, model="m-000000000000", layer=2, pooling="mean", label="topic", pile_rows=32, threads=2) as data:
+            return [(x.copy(), y.copy()) for x, y in data.batches("train", batch_size=16, epoch=3)]
+
+    first, second = epoch(), epoch()
+    assert len(first) == len(second) > 10
+    assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(first, second))
+
+
 def test_a_corpus_ingested_in_label_order_still_gives_mixed_batches(tmp_path):
     wh = Warehouse.open(tmp_path / "wh", create=True)
     add(wh, 0, 900, labeller=lambda i: f"class{i // 300}")  # 300 of class0, then class1, then class2
