@@ -372,6 +372,8 @@ class LabelledVectors:
         try:
             for pile in piles:
                 rows = cursor.sql(f"SELECT x, y, doc_hash FROM {_pile_table(split, int(pile))}").to_arrow_table()
+                if rows.num_rows == 0:
+                    continue
                 # Rows were stored in no fixed order: sorted by key first, every epoch is reproducible.
                 order = pc.sort_indices(rows, sort_keys=[("doc_hash", "ascending"), ("y", "ascending")]).to_numpy()
                 if rng is not None:
