@@ -11,7 +11,6 @@ document is encoded once whatever layer a head later trains on.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path

@@ -359,7 +359,7 @@ class LabelledVectors:
             yield x, y
 
     def keyed_batches(self, split: str, *, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
-        """Like :meth:`batches` in stored order, with the doc_hash of every row."""
+        """Like :meth:`batches` without shuffling (pile by pile, by doc_hash), with the doc_hash of every row."""
         yield from self._stream(split, batch_size=batch_size, epoch=None, keys=True)
 
     def _stream(self, split: str, *, batch_size: int, epoch: int | None, keys: bool):
