@@ -80,7 +80,9 @@ def connect(
             "autoload_known_extensions": False,
             "allow_community_extensions": False,
             "python_enable_replacements": False,
-            # Hand freed memory back to the OS early: peak RSS, not only DuckDB's own limit, stays low.
+            # Where DuckDB is built with jemalloc, hand freed memory back to the OS early (and in
+            # the background): peak RSS, not only DuckDB's own limit, stays low. Builds on glibc
+            # malloc ignore both.
             "allocator_flush_threshold": "32MB",
             "allocator_background_threads": True,
             **(settings or {}),

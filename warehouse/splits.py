@@ -294,7 +294,7 @@ class LabelledVectors:
         Rows reach the piles in no fixed order; readers sort each pile (see :meth:`_stream`).
         """
         names = [_pile_table(split, pile) for split in SPLITS for pile in range(self.piles[split])]
-        first = dict(zip(SPLITS, np.cumsum([0] + [self.piles[s] for s in SPLITS[:-1]])))
+        first_pile = np.cumsum([0] + [self.piles[s] for s in SPLITS[:-1]])  # of each split, in ``names``
         for name in names:
             self._con.execute(f"CREATE TABLE {name} (doc_hash VARCHAR, y BIGINT, x BLOB)")
         self.dim = 0
@@ -323,11 +323,12 @@ class LabelledVectors:
             joined = self._con.sql(
                 "SELECT k.split, k.pile, v.doc_hash, k.y, v.x FROM ew_vectors v JOIN keys k USING (doc_hash)"
             ).to_arrow_reader(FETCH_ROWS)
+            flush_rows = 0
             for rows in joined:
                 # Rows held back per pile between inserts: all piles together within SCATTER_BYTES.
-                flush_rows = max(64, SCATTER_BYTES // ((self.dim * 4 + 100) * len(names)))
+                flush_rows = flush_rows or max(64, SCATTER_BYTES // ((self.dim * 4 + 100) * len(names)))
                 splits = pc.index_in(rows.column("split"), value_set=pa.array(SPLITS)).to_numpy(zero_copy_only=False)
-                piles = np.array([first[s] for s in SPLITS])[splits] + rows.column("pile").to_numpy(zero_copy_only=False).astype(np.int64)
+                piles = first_pile[splits] + rows.column("pile").to_numpy(zero_copy_only=False).astype(np.int64)
                 order = np.argsort(piles, kind="stable")
                 edges = np.flatnonzero(np.diff(piles[order])) + 1
                 for group in np.split(order, edges):
