@@ -24,6 +24,7 @@ from pipelines.ingest import ingest
 from pipelines.metrics import classification_metrics
 from warehouse import Warehouse
 from warehouse.query import usable_cores
+from warehouse.selection import DocumentFilter
 from warehouse.splits import LabelledVectors
 
 from .common import DATA, save
@@ -89,16 +90,18 @@ def main() -> None:
 
     from sklearn.linear_model import LogisticRegression
 
-    with LabelledVectors(wh, model=fit["model"], layer=fit["layer"], pooling=fit["pooling"], label="section") as data:
+    with LabelledVectors(wh, model=fit["model"], layer=fit["layer"], pooling=fit["pooling"],
+                         documents=DocumentFilter(label="section")) as data:
+        stats = data.assemble()
         x_train, y_train = load_split(data, "train")
         x_test, y_test = load_split(data, "test")
         started = time.perf_counter()
         logistic = LogisticRegression(max_iter=1000).fit(x_train, y_train)
         logistic_seconds = time.perf_counter() - started
-        baseline = classification_metrics(y_test, logistic.predict(x_test), classes=data.classes)
+        baseline = classification_metrics(y_test, logistic.predict(x_test), classes=stats.classes)
 
         streamed = epoch_seconds(lambda e: data.batches("train", batch_size=args.batch_size, epoch=e),
-                                 dim=data.dim, classes=len(data.classes))
+                                 dim=stats.dim, classes=len(stats.classes))
 
         def in_memory(epoch: int):
             order = np.random.default_rng(epoch).permutation(len(x_train))
@@ -106,7 +109,7 @@ def main() -> None:
                 rows = order[start : start + args.batch_size]
                 yield x_train[rows], y_train[rows]
 
-        held = epoch_seconds(in_memory, dim=data.dim, classes=len(data.classes))
+        held = epoch_seconds(in_memory, dim=stats.dim, classes=len(stats.classes))
 
     result = {
         "config": {"label": "section", "model": fit["model"], "layer": fit["layer"], "threads": args.threads,

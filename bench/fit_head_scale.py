@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from warehouse import Warehouse
+from warehouse.catalog import ModelRow
 from warehouse.keys import doc_hash as hash_text
 from warehouse.tables import DOCUMENTS, EMBEDDINGS, MODELS
 
@@ -69,7 +70,7 @@ def build(source: Warehouse, target: Path, *, factor: int, model: str, layer: in
     )
     models = source.current_dataset(MODELS).to_table().filter(pc.field("model") == model)
     with wh.writer() as writer:
-        writer.register_model(models.to_pylist()[0])
+        writer.register_model(ModelRow.from_dict(models.to_pylist()[0]))
         for copy in range(factor):
             def renamed(hashes: pa.ChunkedArray) -> pa.Array:
                 return pa.array([hash_text(f"copy {copy} of {h}") for h in hashes.to_pylist()])

@@ -5,7 +5,8 @@
 
 (`ingest` is not re-exported here: the name belongs to the module `pipelines.ingest`.)
 """
-from .fitting import FitResult, fit_head, list_heads
+from .fitting import FitResult, fit_head
+from .head_catalog import list_heads
 from .ingest import IngestResult
 from .prediction import PredictResult, predict
 

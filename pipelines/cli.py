@@ -11,7 +11,6 @@ import click
 
 from warehouse import EwError, Warehouse
 from warehouse.formats import FORMATS, format_for, write_result
-from warehouse.query import run_query
 from warehouse.store import DEFAULT_PATH, ENV_VAR
 
 M_ARENA_MAX = -8  # glibc's mallopt parameter number
@@ -92,6 +91,11 @@ def ingest(ctx: click.Context, corpus_file: Path, as_json: bool, **options) -> N
         f"rejected {result.rejected:,}, truncated {result.truncated:,} in {result.seconds:.1f}s"
     )
     click.echo(f"model {result.model}, layers {','.join(map(str, result.layers))}; warehouse version {result.version}")
+    if result.duplicate_ids:
+        click.echo(f"{result.duplicate_ids:,} records repeat an earlier record's id (ids are compared as text: "
+                   "1 and \"1\" are the same id); the last one of each id was kept")
+    if result.recovered:
+        click.echo(f"made {result.recovered:,} rows of an interrupted earlier run visible first (a 'recover' version)")
     if result.rejects_file:
         click.echo(f"rejected lines written to {result.rejects_file}")
 
@@ -108,7 +112,7 @@ def query(ctx: click.Context, sql: str, version: int | None, fmt: str | None, ou
     Example: ew query "select model, layer, count(*) from embeddings group by all order by all"
     """
     chosen = format_for(output, fmt)
-    result = run_query(_warehouse(ctx), sql, version=version)
+    result = _warehouse(ctx).query(sql, version=version)
     rows = write_result(result.reader, fmt=chosen, output=output, stdout=sys.stdout)
     if output is not None:
         click.echo(f"wrote {rows:,} rows to {output} (warehouse version {result.version})", err=True)
@@ -156,15 +160,13 @@ def models(ctx: click.Context, available: bool, version: int | None, as_json: bo
                 state = f"installed at {row['path']}" if row["installed"] else "not installed"
                 click.echo(f"{row['alias']:<10} {row['hf_id']:<42} {state}")
         return
-    from .registry import registered_models
-
-    for row in registered_models(_warehouse(ctx), version=version):
+    for row in _warehouse(ctx).models(version=version):
         if as_json:
-            click.echo(json.dumps(row, default=str))
+            click.echo(json.dumps(row.to_dict(), default=str))
         else:
             click.echo(
-                f"{row['model']:<32} dim {row['dim']:<5} layers 0..{row['num_layers']:<3} {row['pooling']:<5} "
-                f"max_length {row['max_length']:<5} {row['precision']}  from {row['source']}"
+                f"{row.model:<32} dim {row.dim:<5} layers 0..{row.num_layers:<3} {row.pooling:<5} "
+                f"max_length {row.max_length:<5} {row.precision}  from {row.source}"
             )
 
 
@@ -224,26 +226,41 @@ def fit_head(ctx: click.Context, as_json: bool, **options) -> None:
     click.echo(f"report: {result.report}")
 
 
-@cli.command()
+@cli.group(invoke_without_command=True)
 @click.option("--version", "version", type=click.IntRange(min=0), help="Read this warehouse version.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per head.")
 @click.pass_context
 def heads(ctx: click.Context, version: int | None, as_json: bool) -> None:
-    """List the heads trained in this warehouse.
+    """List the heads trained in this warehouse (`ew heads rm NAME` removes one).
 
     Example: ew heads
     """
-    from .fitting import list_heads
+    if ctx.invoked_subcommand is not None:
+        return
+    from .head_catalog import list_heads
 
     for row in list_heads(_warehouse(ctx), version=version):
         if as_json:
-            row = {k: v for k, v in row.items() if k != "card"}
-            click.echo(json.dumps(row, default=str))
+            click.echo(json.dumps(row.summary()))
         else:
             click.echo(
-                f"{row['head']:<32} {row['label']:<12} {row['kind']:<6} {row['model']} layer {row['layer']:<3} "
-                f"acc {row['accuracy']:.4f} macro-F1 {row['macro_f1']:.4f} ({len(row['classes'])} classes, v{row['trained_on_version']})"
+                f"{row.head:<32} {row.label:<12} {row.kind:<6} {row.model} layer {row.layer:<3} "
+                f"acc {row.accuracy:.4f} macro-F1 {row.macro_f1:.4f} ({len(row.classes)} classes, v{row.trained_on_version})"
             )
+
+
+@heads.command("rm")
+@click.argument("name")
+@click.pass_context
+def heads_rm(ctx: click.Context, name: str) -> None:
+    """Remove a head from the catalog, as one new version (older versions still list it).
+
+    Example: ew heads rm section-20261122-101500-3f2a
+    """
+    from .head_catalog import remove_head
+
+    version = remove_head(_warehouse(ctx), name)
+    click.echo(f"removed head {name} (warehouse version {version}; its files stay for readers of older versions)")
 
 
 @cli.command()
@@ -254,7 +271,8 @@ def heads(ctx: click.Context, version: int | None, as_json: bool) -> None:
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path), help="A .parquet or .csv file.")
 @click.option("--text-field", default="text", show_default=True)
 @click.option("--id-field", default="id", show_default=True)
-@click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True)
+@click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True, help="On a bad line: stop, or skip it and write it to a rejects file.")
+@click.option("--rejects", "rejects_file", type=click.Path(dir_okay=False, path_type=Path), help="Where --on-error skip writes bad lines (default: OUTPUT.rejects.jsonl).")
 @click.option("--threads", type=click.IntRange(min=1), help="Inference threads (default: all usable cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 @click.pass_context
@@ -274,7 +292,7 @@ def predict(ctx: click.Context, head: str, corpus_file: Path | None, as_json: bo
         f"(vectors reused {result.reused:,}, embedded {result.embedded:,}; warehouse version {result.version})"
     )
     if result.rejected:
-        click.echo(f"skipped {result.rejected:,} bad lines of {corpus_file}")
+        click.echo(f"skipped {result.rejected:,} bad lines of {corpus_file}; written to {result.rejects_file}")
 
 
 def main() -> None:

@@ -10,7 +10,6 @@ document is encoded once whatever layer a head later trains on.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,23 +21,8 @@ from tokenizers import Tokenizer
 from warehouse.errors import EwError
 from warehouse.query import usable_cores
 
-MODEL_FILE = "model.onnx"
-TOKENIZER_FILE = "tokenizer.json"
-CARD_FILE = "model.json"
-OUTPUT_NAME = "pooled"
-INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")  # the graph takes a subset, in this order
-_CARD_FIELDS = ("key", "pooling", "max_length", "dim", "num_layers", "input_names")  # what inference reads
-
-
-class ArtifactError(EwError):
-    """An exported model directory is missing or unusable."""
-
-    def __init__(self, path: Path | str, reason: str):
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(
-            f"model artifact {self.path} is unusable: {reason}; delete the directory and export the model again"
-        )
+from .artifacts import CARD_FILE, INPUT_NAMES, MODEL_FILE, OUTPUT_NAME, TOKENIZER_FILE, ModelCard
+from .errors import ArtifactError
 
 
 @dataclass(frozen=True)
@@ -62,17 +46,17 @@ def open_session(model_file: Path, *, threads: int) -> ort.InferenceSession:
 class Encoder:
     """Tokenize and encode texts into every layer's pooled vector."""
 
-    def __init__(self, path: Path, card: dict, tokenizer: Tokenizer, session: ort.InferenceSession, *, threads: int):
+    def __init__(self, path: Path, card: ModelCard, tokenizer: Tokenizer, session: ort.InferenceSession, *, threads: int):
         self.path = path
         self.card = card
-        self.key: str = card["key"]
-        self.dim: int = card["dim"]
-        self.num_layers: int = card["num_layers"]
-        self.max_length: int = card["max_length"]
-        self.pooling: str = card["pooling"]
+        self.key = card.key
+        self.dim = card.dim
+        self.num_layers = card.num_layers
+        self.max_length = card.max_length
+        self.pooling = card.pooling
         self.threads = threads
-        self._input_names: list[str] = list(card["input_names"])
-        self._pad_id = int(card.get("pad_token_id") or 0)
+        self._input_names = list(card.input_names)
+        self._pad_id = card.pad_token_id
         self._tokenizer = tokenizer
         self._session = session
 
@@ -86,14 +70,14 @@ class Encoder:
         for name in (CARD_FILE, MODEL_FILE, TOKENIZER_FILE):
             if not (artifact_dir / name).is_file():
                 raise ArtifactError(artifact_dir, f"{name} is missing")
-        card = _read_card(artifact_dir)
+        card = ModelCard.load(artifact_dir)
         try:
             tokenizer = Tokenizer.from_file(str(artifact_dir / TOKENIZER_FILE))
         except Exception as error:  # tokenizers raises plain Exception on a bad file
             raise ArtifactError(artifact_dir, f"{TOKENIZER_FILE} cannot be loaded ({error})") from error
         tokenizer.no_padding()  # we pad per batch ourselves
         # With stride 0, anything past max_length lands in `overflowing`: that is how truncation is detected.
-        tokenizer.enable_truncation(card["max_length"])
+        tokenizer.enable_truncation(card.max_length)
         try:
             session = open_session(artifact_dir / MODEL_FILE, threads=threads)
         except Exception as error:  # onnxruntime raises its own non-EwError types
@@ -101,14 +85,14 @@ class Encoder:
         graph_inputs = [i.name for i in session.get_inputs()]
         graph_outputs = [o.name for o in session.get_outputs()]
         if (
-            sorted(graph_inputs) != sorted(card["input_names"])
+            sorted(graph_inputs) != sorted(card.input_names)
             or not set(graph_inputs) <= set(INPUT_NAMES)
             or graph_outputs != [OUTPUT_NAME]
         ):
             raise ArtifactError(
                 artifact_dir,
                 f"{MODEL_FILE} takes {graph_inputs} and returns {graph_outputs}, "
-                f"but {CARD_FILE} says {card['input_names']} -> [{OUTPUT_NAME!r}]",
+                f"but {CARD_FILE} says {list(card.input_names)} -> [{OUTPUT_NAME!r}]",
             )
         return cls(artifact_dir, card, tokenizer, session, threads=threads)
 
@@ -151,19 +135,3 @@ class Encoder:
         feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
         (pooled,) = self._session.run([OUTPUT_NAME], {name: feeds[name] for name in self._input_names})
         return pooled  # (B, num_layers + 1, dim)
-
-
-def _read_card(artifact_dir: Path) -> dict:
-    try:
-        card = json.loads((artifact_dir / CARD_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise ArtifactError(artifact_dir, f"{CARD_FILE} cannot be read as JSON ({error})") from error
-    if not isinstance(card, dict):
-        raise ArtifactError(artifact_dir, f"{CARD_FILE} is not a JSON object")
-    missing = [field for field in _CARD_FIELDS if field not in card]
-    if missing:
-        raise ArtifactError(artifact_dir, f"{CARD_FILE} lacks {', '.join(missing)}")
-    wrong = [f for f in ("max_length", "dim", "num_layers") if not isinstance(card[f], int) or card[f] < 1]
-    if wrong or not isinstance(card["input_names"], list):
-        raise ArtifactError(artifact_dir, f"{CARD_FILE} has invalid {', '.join(wrong) or 'input_names'}")
-    return card

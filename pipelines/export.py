@@ -12,6 +12,7 @@ True
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import json
@@ -26,9 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.encoder import CARD_FILE, INPUT_NAMES, MODEL_FILE, OUTPUT_NAME, TOKENIZER_FILE, Encoder, usable_cores
+from pipelines.artifacts import CARD_FILE, INPUT_NAMES, MODEL_FILE, OUTPUT_NAME, TOKENIZER_FILE, ModelCard
+from pipelines.encoder import Encoder, usable_cores
 from pipelines.models import EXPORT_FORMAT, ModelSource
-from warehouse.errors import EwError, ExportError, MissingDependencyError
+from warehouse.errors import EwError
+from pipelines.errors import ExportError, MissingDependencyError
 
 OPSET = 17
 # Different lengths in one padded batch, one long enough to reach max_length: padding,
@@ -91,7 +94,7 @@ def export_model(source: ModelSource, dest: Path, *, tolerance: float = 1e-4) ->
     return _report(card, dest, reused=False)
 
 
-def _build(source: ModelSource, build: Path, *, tolerance: float, torch, transformers, started: float) -> dict:
+def _build(source: ModelSource, build: Path, *, tolerance: float, torch, transformers, started: float) -> ModelCard:
     try:
         transformers.logging.disable_progress_bar()  # a progress bar per export is noise in the CLI
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(source.path), use_fast=True)
@@ -145,25 +148,26 @@ def _build(source: ModelSource, build: Path, *, tolerance: float, torch, transfo
     kept, max_abs_diff = _keep_first_within_tolerance(candidates, build, card, expected, tolerance, source)
     for leftover in (raw, fused):
         leftover.unlink(missing_ok=True)
-    card.update(
+    card = dataclasses.replace(
+        card,
         max_abs_diff=max_abs_diff,
         tolerance=tolerance,
         # Whether onnxruntime's transformer fusions (attention, layer norm, gelu) are in the stored graph.
         fused=kept == fused,
         export_seconds=round(time.perf_counter() - started, 3),
     )
-    _write_json(build / CARD_FILE, card)
+    card.save(build)
     return card
 
 
 def _keep_first_within_tolerance(
-    candidates: list[Path], build: Path, card: dict, expected: np.ndarray, tolerance: float, source: ModelSource
+    candidates: list[Path], build: Path, card: ModelCard, expected: np.ndarray, tolerance: float, source: ModelSource
 ) -> tuple[Path, float]:
     """Install each graph as model.onnx and encode the samples through the real inference path until one agrees with torch."""
     diffs = []
     for candidate in candidates:
         os.replace(candidate, build / MODEL_FILE)
-        _write_json(build / CARD_FILE, card)
+        card.save(build)
         encoder = Encoder.load(build, threads=usable_cores())
         vectors = encoder.encode(list(SAMPLE_TEXTS), batch_size=len(SAMPLE_TEXTS)).vectors  # one padded batch
         diffs.append(float(np.abs(vectors - expected).max()))
@@ -241,54 +245,51 @@ def _check_tokenizer(path: Path, batch, source: ModelSource) -> None:
             raise ExportError(f"{source.name}: tokenizer.json tokenizes {text[:40]!r} differently from transformers")
 
 
-def _card(source: ModelSource, input_names: list[str], *, pad_token_id, torch, transformers) -> dict:
+def _card(source: ModelSource, input_names: list[str], *, pad_token_id, torch, transformers) -> ModelCard:
     import onnx
     import onnxruntime
 
-    return {
-        "key": source.key,
-        "name": source.name,
-        "source": source.source,
-        "fingerprint": source.fingerprint,
-        "export_format": EXPORT_FORMAT,
-        "pooling": source.pooling,
-        "max_length": source.max_length,
-        "precision": source.precision,
-        "dim": source.dim,
-        "num_layers": source.num_layers,
-        "input_names": input_names,
-        "output_name": OUTPUT_NAME,
-        "pad_token_id": int(pad_token_id or 0),
-        "versions": {
+    return ModelCard(
+        key=source.key,
+        name=source.name,
+        source=source.source,
+        fingerprint=source.fingerprint,
+        export_format=EXPORT_FORMAT,
+        pooling=source.pooling,
+        max_length=source.max_length,
+        precision=source.precision,
+        dim=source.dim,
+        num_layers=source.num_layers,
+        input_names=tuple(input_names),
+        output_name=OUTPUT_NAME,
+        pad_token_id=int(pad_token_id or 0),
+        versions={
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__,
         },
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
 
 
 def _reuse(source: ModelSource, dest: Path) -> ExportReport:
-    try:
-        card = json.loads((dest / CARD_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise ExportError(f"{dest / CARD_FILE} cannot be read ({error}): remove {dest} and export again") from error
-    if card.get("key") != source.key:
+    card = ModelCard.load(dest)
+    if card.key != source.key:
         raise ExportError(
-            f"{dest} already holds model {card.get('key')!r}, not {source.key!r}: choose another destination"
+            f"{dest} already holds model {card.key!r}, not {source.key!r}: choose another destination"
         )
     return _report(card, dest, reused=True)
 
 
-def _report(card: dict, dest: Path, *, reused: bool) -> ExportReport:
+def _report(card: ModelCard, dest: Path, *, reused: bool) -> ExportReport:
     model_file = dest / MODEL_FILE
     return ExportReport(
-        key=card["key"],
+        key=card.key,
         path=dest,
-        max_abs_diff=float(card.get("max_abs_diff", float("nan"))),
-        tolerance=float(card.get("tolerance", float("nan"))),
-        seconds=float(card.get("export_seconds", 0.0)),
+        max_abs_diff=float("nan") if card.max_abs_diff is None else card.max_abs_diff,
+        tolerance=float("nan") if card.tolerance is None else card.tolerance,
+        seconds=card.export_seconds,
         onnx_bytes=model_file.stat().st_size if model_file.is_file() else 0,
         reused=reused,
     )
@@ -303,7 +304,3 @@ def _train_modules():
         except ImportError as error:
             raise MissingDependencyError(name, "train", "exporting a model to ONNX") from error
     return modules[0], modules[1]
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -11,25 +11,24 @@ a JSON card inside the warehouse, with a PNG report, and registered in the ``hea
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
-import re
-import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from warehouse import Warehouse
-from warehouse.errors import EwError, HeadError, MissingDependencyError
-from warehouse.splits import INTERNAL_MEMORY_LIMIT, DocumentFilter, LabelledVectors, SplitSpec
+from warehouse.errors import EwError
+from warehouse.selection import INTERNAL_MEMORY_LIMIT, DocumentFilter
+from warehouse.splits import LabelledVectors, SplitSpec, SplitStats
 from warehouse.store import now_utc
-from warehouse.tables import HEADS
 
-from .ingest import ensure_vectors
+from .embedding import ensure_vectors
+from .errors import HeadError, MissingDependencyError
+from .head_catalog import check_head_name, check_name_free, default_head_name, store_head
+from .heads import HeadCard
 from .registry import find_model
 
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 EVAL_BATCH = 1024
 
 
@@ -61,17 +60,24 @@ class FitResult:
     version: int                   # the warehouse version the head was trained on
     metrics: dict
 
+    @classmethod
+    def of(cls, card: HeadCard, *, path: Path, report: Path, reused: int, embedded: int, seconds: float) -> "FitResult":
+        """The result of a run that stored ``card``: the card's facts plus what the run itself did."""
+        return cls(
+            head=card.name, path=str(path), report=str(report), model=card.model, layer=card.layer,
+            pooling=card.pooling, label=card.label, kind=card.config.kind, classes=card.classes,
+            accuracy=card.accuracy, macro_f1=card.macro_f1, train=card.rows["train"], val=card.rows["val"],
+            test=card.rows["test"], missing_label=card.missing_label, no_vector=card.no_vector,
+            rare_classes=card.rare_classes, reused=reused, embedded=embedded, epochs=len(card.history),
+            best_epoch=card.best_epoch, train_seconds=card.train_seconds, seconds=round(seconds, 3),
+            version=card.trained_on_version, metrics=card.metrics,
+        )
+
     def to_dict(self) -> dict:
         data = asdict(self)
         data["classes"] = list(self.classes)
         data["rare_classes"] = list(self.rare_classes)
         return data
-
-
-def check_head_name(name: str) -> str:
-    if not NAME.match(name):
-        raise HeadError(f"head name {name!r} must be 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit")
-    return name
 
 
 def fit_head(
@@ -103,7 +109,7 @@ def fit_head(
     it reads the latest version after embedding the labelled documents that lack vectors.
     """
     started = time.perf_counter()
-    from .heads import require_torch, save_head
+    from .heads import require_torch
     from .metrics import classification_metrics
     from .report import write_report
     from .training import TrainConfig, predict_batches, train_head
@@ -116,93 +122,53 @@ def fit_head(
         warehouse = Warehouse.open(warehouse)
     spec = SplitSpec.parse(split, seed=seed)
     row = find_model(warehouse, model, pooling=pooling)
-    key, pooling = row["model"], row["pooling"]
-    layer = row["num_layers"] if layer is None else layer
-    if not 0 <= layer <= row["num_layers"]:
-        raise EwError(f"--layer {layer} does not exist; model {key} has layers 0..{row['num_layers']}")
-    name = check_head_name(name or f"{label}-{now_utc():%Y%m%d-%H%M%S}")
-    directory = warehouse.head_dir(name)
-    if directory.exists():
-        raise HeadError(f"a head named {name!r} already exists; pick another --name")
+    layer = row.num_layers if layer is None else layer
+    if not 0 <= layer <= row.num_layers:
+        raise EwError(f"--layer {layer} does not exist; model {row.model} has layers 0..{row.num_layers}")
+    name = check_head_name(name or default_head_name(label))
+    check_name_free(warehouse, name)
     config = TrainConfig(kind=kind, hidden=hidden, epochs=epochs, batch_size=batch_size, lr=lr,
                          weight_decay=weight_decay, seed=seed, patience=patience)
 
     documents = DocumentFilter(label=label, corpus=corpus, where=where)
     embedded = 0
     if version is None:
-        embedded = ensure_vectors(warehouse, documents, model_key=key, layer=layer, pooling=pooling,
+        embedded = ensure_vectors(warehouse, documents, model_key=row.model, layer=layer, pooling=row.pooling,
                                   threads=threads, operation="embed-for-head")
 
-    with _one_torch_thread(), LabelledVectors(warehouse, model=key, layer=layer, pooling=pooling, label=label, spec=spec,
-                         corpus=corpus, where=where, memory_limit=memory_limit, threads=threads,
-                         version=version) as data:
-        _check_splits(data, label)
+    with _one_torch_thread(), LabelledVectors(warehouse, model=row.model, layer=layer, pooling=row.pooling,
+                                              documents=documents, spec=spec, memory_limit=memory_limit,
+                                              threads=threads, version=version) as data:
+        stats = data.assemble()
+        _check_splits(stats, label)
         train_started = time.perf_counter()
         trained = train_head(
             train_batches=lambda epoch: data.batches("train", batch_size=batch_size, epoch=epoch),
             val_batches=lambda: data.batches("val", batch_size=EVAL_BATCH),
-            steps_per_epoch=math.ceil(data.counts["train"] / batch_size),
-            input_dim=data.dim,
-            num_classes=len(data.classes),
+            steps_per_epoch=math.ceil(stats.counts["train"] / batch_size),
+            input_dim=stats.dim,
+            num_classes=len(stats.classes),
             config=config,
         )
         train_seconds = time.perf_counter() - train_started
         y_true, y_pred = predict_batches(trained.module, data.batches("test", batch_size=EVAL_BATCH))
-        metrics = classification_metrics(y_true, y_pred, classes=data.classes)
+        metrics = classification_metrics(y_true, y_pred, classes=stats.classes)
     # DuckDB's copy of the vectors is closed, and its memory handed back, before the report is drawn.
-    reused = data.documents - embedded
-    card = {
-        "name": name,
-        "model": key,
-        "model_source": row["source"],
-        "layer": layer,
-        "pooling": pooling,
-        "label": label,
-        "classes": data.classes,
-        "corpus": corpus,
-        "where": where,
-        "split": {"train": spec.train, "val": spec.val, "test": spec.test, "seed": spec.seed,
-                  "rule": "int(sha256(f'{seed}:{doc_hash}')[:8], 16) % 10000"},
-        "rows": dict(data.counts),
-        "missing_label": data.missing_label,
-        "no_vector": data.no_embedding,
-        "rare_classes": data.rare_classes,
-        "trained_on_version": data.version,
-        "hyperparameters": asdict(config),
-        "history": [asdict(epoch) for epoch in trained.history],
-        "best_epoch": trained.best_epoch,
-        "metrics": metrics.to_dict(),
-        "train_seconds": round(train_seconds, 3),
-        "created_at": now_utc().isoformat(),
-    }
-    with warehouse.writer() as writer:
-        try:
-            save_head(directory, trained.module, config=trained.config, card=card)
-            report = write_report(directory / "report.png", history=trained.history, metrics=metrics,
-                                  title=f"{name}: {label} from {key} layer {layer}")
-            writer.add_head(
-                {
-                    "head": name, "model": key, "layer": layer, "pooling": pooling, "label": label, "kind": kind,
-                    "classes": data.classes, "accuracy": metrics.accuracy, "macro_f1": metrics.macro_f1,
-                    "train_rows": data.counts["train"], "val_rows": data.counts["val"],
-                    "test_rows": data.counts["test"], "trained_on_version": data.version,
-                    "artifact": str(directory.relative_to(warehouse.root)),
-                    "card": json.dumps(card, sort_keys=True), "created_at": now_utc(),
-                }
-            )
-            writer.commit("fit-head", {"head": name, "label": label, "model": key, "layer": layer})
-        except BaseException:
-            # A head is stored whole or not at all: no unregistered folder holds its name.
-            shutil.rmtree(directory, ignore_errors=True)
-            raise
-    return FitResult(
-        head=name, path=str(directory), report=str(report), model=key, layer=layer, pooling=pooling, label=label,
-        kind=kind, classes=tuple(data.classes), accuracy=metrics.accuracy, macro_f1=metrics.macro_f1,
-        train=data.counts["train"], val=data.counts["val"], test=data.counts["test"],
-        missing_label=data.missing_label, no_vector=data.no_embedding, rare_classes=tuple(data.rare_classes), reused=reused, embedded=embedded,
-        epochs=len(trained.history), best_epoch=trained.best_epoch, train_seconds=round(train_seconds, 3),
-        seconds=round(time.perf_counter() - started, 3), version=data.version, metrics=metrics.to_dict(),
+    card = HeadCard(
+        name=name, config=trained.config, classes=stats.classes, model=row.model, layer=layer, pooling=row.pooling,
+        label=label, trained_on_version=stats.version, model_source=row.source, corpus=corpus, where=where,
+        split={"train": spec.train, "val": spec.val, "test": spec.test, "seed": spec.seed,
+               "rule": "int(sha256(f'{seed}:{doc_hash}')[:8], 16) % 10000"},
+        rows=dict(stats.counts), missing_label=stats.missing_label, no_vector=stats.no_vector,
+        rare_classes=stats.rare_classes, hyperparameters=asdict(config),
+        history=tuple(asdict(epoch) for epoch in trained.history), best_epoch=trained.best_epoch,
+        metrics=metrics.to_dict(), train_seconds=round(train_seconds, 3), created_at=now_utc().isoformat(),
     )
+    card, directory = store_head(warehouse, trained.module, card)
+    report = write_report(directory / "report.png", history=trained.history, metrics=metrics,
+                          title=f"{name}: {label} from {row.model} layer {layer}")
+    return FitResult.of(card, path=directory, report=report, reused=stats.documents - embedded, embedded=embedded,
+                        seconds=time.perf_counter() - started)
 
 
 @contextmanager
@@ -219,7 +185,7 @@ def _one_torch_thread():
         torch.set_num_threads(previous)
 
 
-def _check_splits(data: LabelledVectors, label: str) -> None:
+def _check_splits(data: SplitStats, label: str) -> None:
     total = sum(data.counts.values())
     if total == 0:
         raise HeadError(
@@ -234,9 +200,3 @@ def _check_splits(data: LabelledVectors, label: str) -> None:
             )
     if len(data.classes) < 2:
         raise HeadError(f"label {label!r} has a single class ({data.classes[0]!r}); a head needs at least two")
-
-
-def list_heads(warehouse: Warehouse, *, version: int | None = None) -> list[dict]:
-    """Rows of the ``heads`` table, oldest first."""
-    rows = warehouse.dataset(HEADS, warehouse.snapshot(version)).to_table().to_pylist()
-    return sorted(rows, key=lambda row: row["created_at"])

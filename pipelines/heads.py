@@ -3,9 +3,10 @@
 A head lives in a directory of two files:
 
 - ``head.safetensors``: the float32 weights (no pickle, nothing executes on load);
-- ``head.json``: the card, which carries everything needed to use the weights again
-  (``config``, ``classes``, ``format``, ``parameters``) plus whatever the trainer adds
-  (warehouse version, model key, split, seed, metrics).
+- ``head.json``: the :class:`HeadCard`, which carries everything needed to use the weights
+  again (``config``, ``classes``, the model key, layer and pooling whose vectors it reads) and
+  what produced it (warehouse version, split, hyperparameters, metrics), with a digest that
+  ties the weights to the fields that decide what a prediction means.
 
 torch is needed only to train (:func:`build_head`); :func:`load_head` and
 :meth:`LoadedHead.predict_proba` run on NumPy alone.
@@ -22,20 +23,23 @@ import os
 import shutil
 import tempfile
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import datetime
 from numbers import Real
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from warehouse.errors import HeadError, MissingDependencyError
-from warehouse.keys import file_digest
+from pipelines.errors import HeadError, MissingDependencyError
+from warehouse.catalog import HeadRow
+from warehouse.keys import file_digest, fingerprint
 
 if TYPE_CHECKING:
     import torch
 
-FORMAT = 1
+FORMAT = 2  # 2: the card carries a digest over the weights, model, layer, classes and config
+READABLE_FORMATS = (1, 2)
 WEIGHTS_FILE = "head.safetensors"
 CARD_FILE = "head.json"
 KINDS = ("mlp", "linear")
@@ -132,23 +136,119 @@ def _check_weights(weights: dict[str, np.ndarray], config: HeadConfig, where: st
             )
 
 
-def _check_classes(card: dict, config: HeadConfig, where: str) -> None:
-    if "classes" not in card:
-        return
-    classes = card["classes"]
-    if not isinstance(classes, (list, tuple)) or not all(isinstance(label, str) for label in classes):
-        raise HeadError(f"{where}: card 'classes' must be a list of strings")
-    if len(classes) != config.num_classes:
-        raise HeadError(f"{where}: card lists {len(classes)} classes, the head has {config.num_classes} outputs")
+@dataclass(frozen=True)
+class HeadCard:
+    """Everything a head carries: how to run it, what it reads, what it was trained on, how it did.
+
+    Saved as ``head.json``; the ``heads`` catalog row and fit-head's result derive from it.
+    """
+
+    name: str
+    config: HeadConfig
+    classes: tuple[str, ...]        # label values by output index
+    model: str                      # the model key whose vectors it reads
+    layer: int
+    pooling: str
+    label: str                      # the documents field it predicts
+    trained_on_version: int         # the warehouse version it was trained on
+    model_source: str = ""
+    corpus: str | None = None
+    where: str | None = None
+    split: dict = field(default_factory=dict)   # percentages, seed and the rule
+    rows: dict = field(default_factory=dict)    # rows per split
+    missing_label: int = 0
+    no_vector: int = 0
+    rare_classes: tuple[str, ...] = ()
+    hyperparameters: dict = field(default_factory=dict)
+    history: tuple[dict, ...] = ()
+    best_epoch: int = 0
+    metrics: dict = field(default_factory=dict)
+    train_seconds: float = 0.0
+    created_at: str = ""
+    format: int = FORMAT
+    weights_sha256: str = ""        # of head.safetensors; set by save_head
+    digest: str = ""                # over the weights and every field that decides predictions; set by save_head
+
+    @property
+    def parameters(self) -> int:
+        return self.config.parameters
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.metrics.get("accuracy", float("nan")))
+
+    @property
+    def macro_f1(self) -> float:
+        return float(self.metrics.get("macro_f1", float("nan")))
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data.update(classes=list(self.classes), rare_classes=list(self.rare_classes), history=list(self.history),
+                    parameters=self.parameters)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict, *, where: str) -> "HeadCard":
+        """Validate a card read from ``where``; HeadError says what is wrong and what to do."""
+        if data.get("format") not in READABLE_FORMATS:
+            raise HeadError(f"{where} has format {data.get('format')!r}; this ew reads formats {READABLE_FORMATS}")
+        missing = [name for name in _REQUIRED if name not in data]
+        if missing:
+            raise HeadError(f"{where} lacks {', '.join(missing)}; the card was damaged: train the head again")
+        config = _config(data["config"], where)
+        classes = data["classes"]
+        if not isinstance(classes, list) or not all(isinstance(label, str) for label in classes):
+            raise HeadError(f"{where}: 'classes' must be a list of strings")
+        if len(set(classes)) != len(classes):
+            raise HeadError(f"{where}: 'classes' names a class twice; the card was changed: train the head again")
+        if len(classes) != config.num_classes:
+            raise HeadError(f"{where}: card lists {len(classes)} classes, the head has {config.num_classes} outputs")
+        for name, kind in (("layer", int), ("trained_on_version", int), ("model", str), ("label", str), ("pooling", str)):
+            if not isinstance(data[name], kind) or isinstance(data[name], bool):
+                raise HeadError(f"{where}: {name!r} must be {'an integer' if kind is int else 'a string'}, got {data[name]!r}")
+        if data["format"] >= 2 and not (data.get("weights_sha256") and data.get("digest")):
+            raise HeadError(f"{where} lacks its digests (weights_sha256, digest); the card was damaged: train the head again")
+        known = {f.name for f in fields(cls)}
+        values = {name: value for name, value in data.items() if name in known}
+        values.update(config=config, classes=tuple(classes), rare_classes=tuple(data.get("rare_classes") or ()),
+                      history=tuple(data.get("history") or ()))
+        return cls(**values)
+
+    def expected_digest(self, weights_sha256: str) -> str:
+        """What ``digest`` must be: the weights and every field that decides what a prediction means."""
+        return fingerprint({"weights": weights_sha256, "config": asdict(self.config), "classes": list(self.classes),
+                            "model": self.model, "layer": self.layer, "pooling": self.pooling, "label": self.label})
+
+    def row(self, *, artifact: str, created_at: datetime) -> HeadRow:
+        """The ``heads`` catalog row of this head, stored at ``artifact`` (relative to the warehouse)."""
+        return HeadRow(
+            head=self.name, model=self.model, layer=self.layer, pooling=self.pooling, label=self.label,
+            kind=self.config.kind, classes=self.classes, accuracy=self.accuracy, macro_f1=self.macro_f1,
+            train_rows=int(self.rows.get("train", 0)), val_rows=int(self.rows.get("val", 0)),
+            test_rows=int(self.rows.get("test", 0)), trained_on_version=self.trained_on_version,
+            artifact=artifact, card=json.dumps(self.to_dict(), sort_keys=True), created_at=created_at,
+        )
 
 
-def save_head(directory: Path, module: "torch.nn.Module", *, config: HeadConfig, card: dict) -> Path:
-    """Write ``directory/head.safetensors`` and ``directory/head.json``; return ``directory``.
+_REQUIRED = ("name", "config", "classes", "model", "layer", "pooling", "label", "trained_on_version")
 
-    The card gets ``config``, ``format``, ``parameters`` and ``weights_sha256`` added (these
-    keys win over the caller's). Both files are written into a hidden temp sibling that is
-    then renamed into place, so a head directory is either complete or absent.
-    An existing directory is never overwritten.
+
+def _config(raw: object, where: str) -> HeadConfig:
+    known = {f.name for f in fields(HeadConfig)}
+    if not isinstance(raw, dict) or not {"kind", "input_dim", "num_classes"} <= set(raw) <= known:
+        raise HeadError(f"{where}: 'config' must be an object with fields among {sorted(known)}")
+    try:
+        return HeadConfig(**raw)
+    except HeadError as exc:
+        raise HeadError(f"{where}: {exc}") from None
+
+
+def save_head(directory: Path, module: "torch.nn.Module", card: HeadCard) -> HeadCard:
+    """Write ``directory/head.safetensors`` and ``directory/head.json``; return the card as saved.
+
+    The saved card gets ``weights_sha256`` and ``digest``. Both files are written into a hidden
+    temp sibling that is then renamed into place, so a head directory is either complete or
+    absent. An existing directory is never overwritten.
     """
     from safetensors.numpy import save_file
 
@@ -159,18 +259,15 @@ def save_head(directory: Path, module: "torch.nn.Module", *, config: HeadConfig,
         name: tensor.detach().cpu().float().contiguous().numpy()
         for name, tensor in module.state_dict().items()
     }
-    _check_weights(weights, config, f"head to save at {directory}")
-    _check_classes(card, config, f"head to save at {directory}")
-    full_card = {**card, "config": asdict(config), "format": FORMAT, "parameters": config.parameters}
-    if "classes" in full_card:
-        full_card["classes"] = list(full_card["classes"])
+    _check_weights(weights, card.config, f"head to save at {directory}")
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
     try:
         save_file(weights, str(staging / WEIGHTS_FILE), metadata={"format": str(FORMAT)})
-        full_card["weights_sha256"] = file_digest(staging / WEIGHTS_FILE)
+        weights_sha256 = file_digest(staging / WEIGHTS_FILE)
+        card = replace(card, format=FORMAT, weights_sha256=weights_sha256, digest=card.expected_digest(weights_sha256))
         try:
-            text = json.dumps(full_card, indent=2, ensure_ascii=False, allow_nan=False)
+            text = json.dumps(card.to_dict(), indent=2, ensure_ascii=False, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise HeadError(f"the card for {directory} is not JSON-serialisable: {exc}") from None
         (staging / CARD_FILE).write_text(text + "\n", encoding="utf-8")
@@ -182,21 +279,24 @@ def save_head(directory: Path, module: "torch.nn.Module", *, config: HeadConfig,
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return directory
+    return card
 
 
 @dataclass(frozen=True, eq=False)
 class LoadedHead:
     """A head read back from disk, applied with NumPy only."""
 
-    config: HeadConfig
-    card: dict
+    card: HeadCard
     weights: dict[str, np.ndarray]
 
     @property
+    def config(self) -> HeadConfig:
+        return self.card.config
+
+    @property
     def classes(self) -> list[str]:
-        """Label names by output index (``card["classes"]``; ``"0"``, ``"1"``... if absent)."""
-        return list(self.card.get("classes") or [str(index) for index in range(self.config.num_classes)])
+        """Label names by output index."""
+        return list(self.card.classes)
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """(N, D) embeddings -> (N, C) float32 logits."""
@@ -242,31 +342,26 @@ def load_head(directory: Path) -> LoadedHead:
         if not path.is_file():
             raise HeadError(f"head at {directory} is incomplete: {path.name} is missing; train it again")
     try:
-        card = json.loads(card_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = json.loads(card_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise HeadError(f"{card_path} is corrupt ({exc}); train the head again") from None
-    if not isinstance(card, dict):
+    if not isinstance(data, dict):
         raise HeadError(f"{card_path} is corrupt: expected a JSON object; train the head again")
-    if card.get("format") != FORMAT:
-        raise HeadError(f"{card_path} has format {card.get('format')!r}; this ew reads format {FORMAT}")
-    raw_config = card.get("config")
-    known = {field.name for field in fields(HeadConfig)}
-    if not isinstance(raw_config, dict) or not {"kind", "input_dim", "num_classes"} <= set(raw_config) <= known:
-        raise HeadError(f"{card_path}: 'config' must be an object with fields among {sorted(known)}")
-    try:
-        config = HeadConfig(**raw_config)
-    except HeadError as exc:
-        raise HeadError(f"{card_path}: {exc}") from None
-    _check_classes(card, config, str(card_path))
-    expected_digest = card.get("weights_sha256")
-    if expected_digest is not None and file_digest(weights_path) != expected_digest:
+    card = HeadCard.from_dict(data, where=str(card_path))
+    actual = file_digest(weights_path)
+    if card.weights_sha256 and actual != card.weights_sha256:
         raise HeadError(f"{weights_path} does not match the digest in {CARD_FILE}; the file was changed or truncated")
+    if card.digest and card.digest != card.expected_digest(actual):
+        raise HeadError(f"{card_path} does not match its digest: its model, layer, classes or config were changed; "
+                        "train the head again")
     try:
         weights = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise HeadError(f"{weights_path} is corrupt ({exc}); train the head again") from None
-    _check_weights(weights, config, str(weights_path))
+    _check_weights(weights, card.config, str(weights_path))
     for name, array in weights.items():
         if array.dtype != np.float32:
             raise HeadError(f"{weights_path}: tensor {name} is {array.dtype}, expected float32")
-    return LoadedHead(config=config, card=card, weights=weights)
+        if not np.all(np.isfinite(array)):
+            raise HeadError(f"{weights_path}: tensor {name} holds NaN or infinite values; train the head again")
+    return LoadedHead(card=card, weights=weights)

@@ -10,38 +10,29 @@ committed and a rerun continues from there.
 """
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from warehouse import Warehouse, Writer
-from warehouse.errors import EwError, InputError
+from warehouse.errors import EwError
 from warehouse.keys import doc_hash, record_hash
-from warehouse.splits import DocumentFilter, missing_vectors
 from warehouse.store import now_utc
-from warehouse.tables import DOCUMENTS, EMBEDDINGS, TIMESTAMP, vector_column
+from warehouse.tables import DOCUMENTS, TIMESTAMP
 
-from .corpus import FieldTypes, Record, Rejected, corpus_name, count_lines, read_corpus
+from .corpus import FieldTypes, Record, corpus_name, count_lines, read_corpus
+from .embedding import EmbeddingService
 from .progress import Progress
-from .registry import model_row, prepare_model
+from .registry import prepare_model
+from .rejects import Rejects, check_on_error
 
-if TYPE_CHECKING:
-    from .encoder import Encoder
-
-ON_ERROR = ("fail", "skip")
 DEFAULT_CHUNK = 4096
-# Texts go to the encoder in groups of this many, sorted by length, so padding stays small
-# and progress moves often.
-ENCODE_GROUP = 512
 # Changed records are written this many at a time: each write rewrites the corpus's partition.
 UPDATE_BATCH = 50_000
 
@@ -60,6 +51,7 @@ class IngestResult:
     rejected: int
     truncated: int          # encoded texts longer than max_length tokens, cut to it
     duplicate_ids: int      # records whose id appeared earlier in the file (the last one wins)
+    recovered: int          # rows of an interrupted earlier run made visible before this one started
     seconds: float
     version: int | None     # the warehouse version after the run
     exported: bool          # the model was exported to ONNX by this run
@@ -93,73 +85,6 @@ def parse_layers(spec: str | Sequence[int] | None, num_layers: int) -> list[int]
         if value not in layers:
             layers.append(value)
     return sorted(layers)
-
-
-class StoredKeys:
-    """Which (doc_hash, layer) pairs a model already has, read once from the newest table state."""
-
-    def __init__(self, dataset: pads.Dataset, *, model: str, pooling: str, layers: Sequence[int]):
-        self.layers = list(layers)
-        self.by_layer: dict[int, set[str]] = {layer: set() for layer in layers}
-        wanted = (pc.field("model") == model) & (pc.field("pooling") == pooling) & pc.field("layer").isin(self.layers)
-        for batch in dataset.to_batches(columns=["doc_hash", "layer"], filter=wanted):
-            for layer, hashes in _group_by_layer(batch):
-                self.by_layer[layer].update(hashes)
-
-    def missing(self, key: str) -> list[int]:
-        return [layer for layer in self.layers if key not in self.by_layer[layer]]
-
-    def add(self, key: str, layers: Iterable[int]) -> None:
-        for layer in layers:
-            self.by_layer[layer].add(key)
-
-
-def _group_by_layer(batch: pa.RecordBatch) -> Iterator[tuple[int, list[str]]]:
-    layer_column = batch.column("layer")
-    for layer in pc.unique(layer_column).to_pylist():
-        yield layer, batch.column("doc_hash").filter(pc.equal(layer_column, layer)).to_pylist()
-
-
-def encode_texts(
-    encoder: Encoder,
-    texts: Sequence[str],
-    *,
-    batch_size: int,
-    on_progress: Callable[[int], None] | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Vectors (n, layers, dim) and truncation flags (n,) for ``texts``, in their order."""
-    order = np.argsort([len(text) for text in texts], kind="stable")
-    vectors = np.empty((len(texts), encoder.num_layers + 1, encoder.dim), dtype=np.float32)
-    truncated = np.zeros(len(texts), dtype=bool)
-    for start in range(0, len(order), ENCODE_GROUP):
-        group = order[start : start + ENCODE_GROUP]
-        encoded = encoder.encode([texts[i] for i in group], batch_size=batch_size)
-        vectors[group] = encoded.vectors
-        truncated[group] = encoded.truncated
-        if on_progress:
-            on_progress(len(group))
-    return vectors, truncated
-
-
-def embedding_rows(
-    keys: Sequence[str], vectors: np.ndarray, layers_wanted: Sequence[Sequence[int]], *, model: str, pooling: str
-) -> pa.Table:
-    """Rows for each key's wanted layers; ``vectors`` is (n, all layers, dim)."""
-    tables = []
-    for layer in sorted({layer for layers in layers_wanted for layer in layers}):
-        picked = [i for i, layers in enumerate(layers_wanted) if layer in layers]
-        tables.append(
-            pa.table(
-                {
-                    "doc_hash": pa.array([keys[i] for i in picked], pa.string()),
-                    "model": pa.array([model] * len(picked), pa.string()),
-                    "layer": pa.array([layer] * len(picked), pa.int32()),
-                    "pooling": pa.array([pooling] * len(picked), pa.string()),
-                    "embedding": vector_column(vectors[picked, layer, :]),
-                }
-            )
-        )
-    return pa.concat_tables(tables) if tables else pa.table({})
 
 
 def documents_rows(
@@ -220,8 +145,7 @@ def ingest(
 ) -> IngestResult:
     """Ingest the JSONL corpus at ``path`` with ``model``; see the module docstring."""
     started = time.perf_counter()
-    if on_error not in ON_ERROR:
-        raise EwError(f"--on-error must be one of {', '.join(ON_ERROR)}, not {on_error!r}")
+    check_on_error(on_error)
     if batch_size < 1 or chunk_size < 1:
         raise EwError("--batch-size and the chunk size must be at least 1")
     path = Path(path)
@@ -233,40 +157,20 @@ def ingest(
 
     with warehouse.writer() as writer:
         prepared = prepare_model(writer, model, pooling=pooling, max_length=max_length)
-        card = json.loads((prepared.artifact / "model.json").read_text())
-        wanted_layers = parse_layers(layers, card["num_layers"])
-        run = _Run(
-            writer=writer,
-            model_key=prepared.key,
-            artifact=prepared.artifact,
-            pooling=card["pooling"],
-            corpus=corpus,
-            layers=wanted_layers,
-            batch_size=batch_size,
-            threads=threads,
-        )
+        wanted_layers = parse_layers(layers, prepared.card.num_layers)
+        service = EmbeddingService(writer, prepared, layers=wanted_layers, batch_size=batch_size, threads=threads)
+        run = _CorpusRun(writer, service, corpus=corpus)
         show = Progress(f"ingest {corpus}", enabled=progress)
         if show.enabled:
             show.total = count_lines(path)
         field_types = FieldTypes(run.documents.schema)
         records = read_corpus(path, text_field=text_field, id_field=id_field, field_types=field_types)
-        rejects = _Rejects(path, rejects_file or _default_rejects_file(warehouse, corpus), on_error=on_error)
-        try:
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ew-commit") as committer:
-                pending: Future | None = None
-                for chunk in _chunks(rejects.filter(records, show), chunk_size):
-                    work = run.prepare_chunk(chunk, field_types, show)
-                    if pending is not None:
-                        pending.result()
-                    pending = committer.submit(run.commit_chunk, work) if work is not None else None
-                if pending is not None:
-                    pending.result()
-                if run.updates:
-                    work = run.work(pa.table({}), run.take_updates(), field_types, lines=[], embedded=0)
-                    run.commit_chunk(work)
-        finally:
-            show.close()
-            rejects.close()
+        rejects = Rejects(path, rejects_file or _default_rejects_file(warehouse, corpus), on_error=on_error)
+        with rejects:
+            try:
+                run.all_chunks(_chunks(rejects.filter(records, on_progress=show.advance), chunk_size), field_types, show)
+            finally:
+                show.close()
 
     return IngestResult(
         corpus=corpus,
@@ -281,6 +185,7 @@ def ingest(
         rejected=rejects.count,
         truncated=run.truncated,
         duplicate_ids=run.duplicate_ids,
+        recovered=writer.recovered_rows,
         seconds=round(time.perf_counter() - started, 3),
         version=warehouse.latest_version(),
         exported=prepared.exported,
@@ -293,35 +198,6 @@ def _default_rejects_file(warehouse: Warehouse, corpus: str) -> Path:
     return warehouse.root / "rejects" / f"{corpus}-{stamp}.jsonl"
 
 
-class _Rejects:
-    """Applies --on-error: raise on the first bad line, or count it and write it to a JSONL file."""
-
-    def __init__(self, source: Path, path: Path, *, on_error: str):
-        self.source = source
-        self.path = path
-        self.on_error = on_error
-        self.count = 0
-        self._handle = None
-
-    def filter(self, items: Iterable[Record | Rejected], show: Progress) -> Iterator[Record]:
-        for item in items:
-            if isinstance(item, Record):
-                yield item
-                continue
-            if self.on_error == "fail":
-                raise InputError(self.source, item.line, item.reason)
-            self.count += 1
-            show.advance(1)
-            if self._handle is None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._handle = open(self.path, "a", encoding="utf-8")
-            self._handle.write(json.dumps(item.to_dict(self.source), ensure_ascii=False) + "\n")
-
-    def close(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-
-
 @dataclass(frozen=True)
 class _ChunkWork:
     embeddings: pa.Table
@@ -329,38 +205,35 @@ class _ChunkWork:
     detail: dict
 
 
-class _Run:
-    """State of one ingest: what is stored, what this run encoded, and the counters."""
+class _CorpusRun:
+    """State of one corpus ingest: the corpus's stored records, what this run saw, and the counters."""
 
-    def __init__(self, *, writer: Writer, model_key: str, artifact: Path, pooling: str, corpus: str,
-                 layers: list[int], batch_size: int, threads: int | None, load_documents: bool = True):
+    def __init__(self, writer: Writer, service: EmbeddingService, *, corpus: str):
         self.writer = writer
-        self.model_key = model_key
-        self.artifact = artifact
-        self.pooling = pooling
+        self.service = service
         self.corpus = corpus
-        self.layers = layers
-        self.batch_size = batch_size
-        self.threads = threads
-        self._encoder: Encoder | None = None
-        warehouse = writer.warehouse
-        self.stored = StoredKeys(warehouse.current_dataset(EMBEDDINGS), model=model_key, pooling=pooling, layers=layers)
-        self.documents = warehouse.current_dataset(DOCUMENTS) if load_documents else None
-        self.existing = _existing_records(self.documents, corpus) if load_documents else {}
+        self.documents = writer.warehouse.current_dataset(DOCUMENTS)
+        self.existing = _existing_records(self.documents, corpus)
         self.updates: dict[str, tuple[Record, str, str]] = {}  # id -> changed record, written in batches
         self.seen_texts: set[str] = set()
         self.seen_ids: set[str] = set()
         self.read = self.new_documents = self.updated_documents = 0
         self.embedded = self.reused = self.duplicates = self.truncated = self.duplicate_ids = 0
 
-    @property
-    def encoder(self) -> Encoder:
-        # Loaded on first need: a rerun that finds everything stored never starts onnxruntime.
-        if self._encoder is None:
-            from .encoder import Encoder
-
-            self._encoder = Encoder.load(self.artifact, threads=self.threads)
-        return self._encoder
+    def all_chunks(self, chunks: Iterable[list[Record]], field_types: FieldTypes, show: Progress) -> None:
+        """Prepare each chunk while the previous one commits (one version per chunk)."""
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ew-commit") as committer:
+            pending: Future | None = None
+            for chunk in chunks:
+                work = self.prepare_chunk(chunk, field_types, show)
+                if pending is not None:
+                    pending.result()
+                pending = committer.submit(self.commit_chunk, work) if work is not None else None
+            if pending is not None:
+                pending.result()
+        if self.updates:
+            work = self.work(pa.table({}), self.take_updates(), field_types, lines=[], embedded=0)
+            self.commit_chunk(work)
 
     def prepare_chunk(self, chunk: list[Record], field_types: FieldTypes, show: Progress) -> _ChunkWork | None:
         self.read += len(chunk)
@@ -375,36 +248,27 @@ class _Run:
         # Records dropped as repeated ids still count as read; account them as duplicates.
         self.duplicates += len(chunk) - len(records)
 
-        to_encode: dict[str, tuple[str, list[int]]] = {}
+        fresh: dict[str, str] = {}
         for record, key in zip(records, keys):
-            if key in self.seen_texts:
+            if key in self.seen_texts or key in fresh:
                 self.duplicates += 1
-                continue
-            self.seen_texts.add(key)
-            missing = self.stored.missing(key)
-            if missing:
-                to_encode[key] = (record.text, missing)
             else:
-                self.reused += 1
-        show.advance(len(chunk) - len(to_encode))
+                fresh[key] = record.text
+        self.seen_texts.update(fresh)
+        embedded = self.service.embed(list(fresh), list(fresh.values()), on_progress=show.advance)
+        show.advance(len(chunk) - embedded.embedded)
+        self.embedded += embedded.embedded
+        self.reused += embedded.reused
+        self.truncated += embedded.truncated
+        new_rows = self._changed_records(records, keys)
+        return self.work(embedded.rows, new_rows, field_types, lines=[chunk[0].line, chunk[-1].line],
+                         embedded=embedded.embedded)
 
-        embeddings = pa.table({})
-        if to_encode:
-            encode_keys = list(to_encode)
-            vectors, truncated = encode_texts(
-                self.encoder, [to_encode[k][0] for k in encode_keys], batch_size=self.batch_size, on_progress=show.advance
-            )
-            embeddings = embedding_rows(
-                encode_keys, vectors, [to_encode[k][1] for k in encode_keys], model=self.model_key, pooling=self.pooling
-            )
-            for key in encode_keys:
-                self.stored.add(key, to_encode[key][1])
-            self.embedded += len(encode_keys)
-            self.truncated += int(truncated.sum())
-
-        fingerprints = [_record_hash(r) for r in records]
+    def _changed_records(self, records: list[Record], keys: list[str]) -> list[tuple[Record, str, str]]:
+        """New records to append now; changed ones are gathered and written in batches."""
         new_rows: list[tuple[Record, str, str]] = []
-        for record, key, fingerprint in zip(records, keys, fingerprints):
+        for record, key in zip(records, keys):
+            fingerprint = _record_hash(record)
             stored = self.existing.get(record.id)
             if stored == fingerprint:
                 continue
@@ -418,7 +282,7 @@ class _Run:
             self.existing[record.id] = fingerprint
         if len(self.updates) >= UPDATE_BATCH:
             new_rows += self.take_updates()
-        return self.work(embeddings, new_rows, field_types, lines=[chunk[0].line, chunk[-1].line], embedded=len(to_encode))
+        return new_rows
 
     def take_updates(self) -> list[tuple[Record, str, str]]:
         updates, self.updates = list(self.updates.values()), {}
@@ -428,82 +292,13 @@ class _Run:
         documents = documents_rows(self.corpus, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], field_types)
         if embeddings.num_rows == 0 and documents.num_rows == 0:
             return None
-        detail = {"corpus": self.corpus, "model": self.model_key, "lines": lines, "embedded": embedded,
+        detail = {"corpus": self.corpus, "model": self.service.model.key, "lines": lines, "embedded": embedded,
                   "documents": documents.num_rows}
         return _ChunkWork(embeddings=embeddings, documents=documents, detail=detail)
 
     def commit_chunk(self, work: _ChunkWork) -> int:
         # Embeddings first: a crash between the two leaves vectors a rerun reuses, never a
         # document row that points at vectors that are not there.
-        self.writer.append_embeddings(work.embeddings)
+        self.service.write(work.embeddings)
         self.writer.upsert_documents(work.documents)
         return self.writer.commit("ingest", work.detail)
-
-
-def embed_missing(
-    writer: Writer,
-    batches: Iterable[pa.RecordBatch],
-    *,
-    model_key: str,
-    layers: Sequence[int],
-    pooling: str,
-    batch_size: int = 32,
-    threads: int | None = None,
-    operation: str = "embed",
-) -> tuple[int, int]:
-    """Encode and store the missing layers of (doc_hash, text) rows; one commit per batch.
-
-    The same path as ingest: keys already stored (even by an interrupted run) are skipped.
-    Returns (documents embedded, texts truncated).
-    """
-    warehouse = writer.warehouse
-    run = _Run(
-        writer=writer, model_key=model_key, artifact=warehouse.root / model_row(warehouse, model_key)["artifact"], pooling=pooling,
-        corpus="", layers=list(layers), batch_size=batch_size, threads=threads, load_documents=False,
-    )
-    for batch in batches:
-        wanted = {}
-        for key, text in zip(batch.column("doc_hash").to_pylist(), batch.column("text").to_pylist()):
-            missing = run.stored.missing(key)
-            if missing and key not in wanted:
-                wanted[key] = (text, missing)
-        if not wanted:
-            continue
-        keys = list(wanted)
-        vectors, truncated = encode_texts(run.encoder, [wanted[k][0] for k in keys], batch_size=batch_size)
-        writer.append_embeddings(
-            embedding_rows(keys, vectors, [wanted[k][1] for k in keys], model=model_key, pooling=pooling)
-        )
-        writer.commit(operation, {"model": model_key, "embedded": len(keys)})
-        for key in keys:
-            run.stored.add(key, wanted[key][1])
-        run.embedded += len(keys)
-        run.truncated += int(truncated.sum())
-    return run.embedded, run.truncated
-
-
-
-def ensure_vectors(
-    warehouse: Warehouse,
-    documents: DocumentFilter,
-    *,
-    model_key: str,
-    layer: int,
-    pooling: str,
-    threads: int | None = None,
-    operation: str = "embed",
-) -> int:
-    """Embed the stored documents matching ``documents`` that lack a vector of model/layer; returns how many."""
-    probe = missing_vectors(warehouse, documents=documents, model=model_key, layer=layer, pooling=pooling, probe=True)
-    try:
-        if not any(batch.num_rows for batch in probe):
-            return 0  # nothing to write: no lock taken, no version made
-    finally:
-        probe.close()
-    with warehouse.writer() as writer:
-        embedded, _ = embed_missing(
-            writer,
-            missing_vectors(warehouse, documents=documents, model=model_key, layer=layer, pooling=pooling),
-            model_key=model_key, layers=[layer], pooling=pooling, threads=threads, operation=operation,
-        )
-    return embedded

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from warehouse.errors import HeadError
+from pipelines.errors import HeadError
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from warehouse.errors import EwError, ModelNotFoundError
+
+from pipelines.errors import ModelNotFoundError, ModelOptionError
 from warehouse.keys import file_digest, fingerprint, model_key
 
 # Bump when the exported graph changes meaning (inputs, output layout, pooling maths):
@@ -69,16 +70,6 @@ class ModelSource:
     key: str  # model_key(name, fingerprint)
     dim: int  # hidden size
     num_layers: int  # transformer layers; the export outputs layers 0..num_layers
-
-
-class ModelOptionError(EwError):
-    """An option for a model (pooling, max_length, precision) has a value ew cannot use."""
-
-    def __init__(self, name: str, option: str, value: object, allowed: str):
-        self.name = name
-        self.option = option
-        self.value = value
-        super().__init__(f"model {name!r}: {option}={value!r} is not supported; use {allowed}")
 
 
 def resolve_model(

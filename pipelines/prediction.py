@@ -22,17 +22,19 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from warehouse import Warehouse
-from warehouse.errors import EwError, HeadError, InputError, QueryError, first_line
+from warehouse.errors import EwError, QueryError
 from warehouse.formats import atomic_output
 from warehouse.keys import doc_hash
-from warehouse.query import connect
-from warehouse.splits import DocumentFilter
+from warehouse.query import connect, sql_error_message
+from warehouse.selection import DocumentFilter
 from warehouse.tables import EMBEDDINGS
 
 from .corpus import Record, read_corpus
-from .fitting import check_head_name, list_heads
-from .heads import LoadedHead, load_head
-from .ingest import embed_missing, ensure_vectors
+from .embedding import embed_missing, ensure_vectors
+from .head_catalog import open_head
+from .heads import LoadedHead
+from .registry import open_model
+from .rejects import Rejects, check_on_error
 
 CHUNK = 4096
 
@@ -45,21 +47,12 @@ class PredictResult:
     embedded: int   # distinct texts embedded by this run
     reused: int     # distinct texts whose vectors were stored already
     rejected: int   # corpus lines skipped with --on-error skip
+    rejects_file: str | None  # where they were written
     seconds: float
     version: int    # the warehouse version the vectors were read from
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def open_head(warehouse: Warehouse, name: str) -> LoadedHead:
-    check_head_name(name)
-    registered = {row["head"]: row for row in list_heads(warehouse)}
-    if name not in registered:
-        raise HeadError(
-            f"no head named {name!r} (heads: {', '.join(registered) or 'none yet: run `ew fit-head`'}); see `ew heads`"
-        )
-    return load_head(warehouse.root / registered[name]["artifact"])
 
 
 def predict(
@@ -73,10 +66,16 @@ def predict(
     text_field: str = "text",
     id_field: str = "id",
     on_error: str = "fail",
+    rejects_file: Path | None = None,
     threads: int | None = None,
 ) -> PredictResult:
-    """Write id, doc_hash, the predicted label, its probability and every class's probability to ``output``."""
+    """Write id, doc_hash, the predicted label, its probability and every class's probability to ``output``.
+
+    With ``on_error="skip"`` bad lines of the corpus file go to ``rejects_file`` (default:
+    OUTPUT.rejects.jsonl beside the output) and the rest are scored.
+    """
     started = time.perf_counter()
+    check_on_error(on_error)
     if (corpus_file is None) == (where is None):
         raise EwError("give either a corpus file or --where (a condition on stored documents), not both")
     if version is not None and corpus_file is not None:
@@ -88,18 +87,20 @@ def predict(
     if not isinstance(warehouse, Warehouse):
         warehouse = Warehouse.open(warehouse)
     loaded = open_head(warehouse, head)
-    model, layer, pooling = loaded.card["model"], loaded.card["layer"], loaded.card["pooling"]
+    model, layer, pooling = loaded.card.model, loaded.card.layer, loaded.card.pooling
 
     if corpus_file is not None:
-        lines = _Lines(corpus_file, text_field=text_field, id_field=id_field, on_error=on_error)
-        with warehouse.writer() as writer:
-            embedded, _ = embed_missing(writer, lines.texts(), model_key=model, layers=[layer], pooling=pooling,
-                                        threads=threads, operation="embed-for-predict")
+        rejects = Rejects(corpus_file, rejects_file or output.with_name(output.name + ".rejects.jsonl"), on_error=on_error)
+        lines = _Lines(corpus_file, text_field=text_field, id_field=id_field, rejects=rejects)
+        with rejects, warehouse.writer() as writer:
+            summary = embed_missing(writer, lines.texts(), model=open_model(warehouse, model), layers=[layer],
+                                    threads=threads, operation="embed-for-predict")
         snapshot = warehouse.snapshot()
         vectors = warehouse.dataset(EMBEDDINGS, snapshot)
         rows = _write_predictions(lines.scored(vectors, model=model, layer=layer, pooling=pooling), loaded, output)
-        return PredictResult(head=head, output=str(output), rows=rows, embedded=embedded,
-                             reused=len(lines.distinct) - embedded, rejected=lines.rejected,
+        return PredictResult(head=head, output=str(output), rows=rows, embedded=summary.embedded,
+                             reused=len(lines.distinct) - summary.embedded, rejected=rejects.count,
+                             rejects_file=str(rejects.path) if rejects.count else None,
                              seconds=round(time.perf_counter() - started, 3), version=snapshot.version)
 
     documents = DocumentFilter(where=where)
@@ -108,7 +109,7 @@ def predict(
         embedded = ensure_vectors(warehouse, documents, model_key=model, layer=layer, pooling=pooling,
                                   threads=threads, operation="embed-for-predict")
     snapshot = warehouse.snapshot(version)
-    con = connect(warehouse, snapshot)
+    con = connect(warehouse.datasets(snapshot))
     try:
         condition, params = documents.condition()
         reader = con.sql(
@@ -123,29 +124,27 @@ def predict(
             f"SELECT count(DISTINCT doc_hash) FROM documents WHERE {condition}", params
         ).fetchone()[0]
     except duckdb.Error as error:
-        raise QueryError(f"reading the documents to predict failed: {first_line(error)}") from None
+        raise QueryError(f"reading the documents to predict failed: {sql_error_message(error)}") from None
     finally:
         con.close()
     return PredictResult(head=head, output=str(output), rows=rows, embedded=embedded, reused=distinct - embedded,
-                         rejected=0, seconds=round(time.perf_counter() - started, 3), version=snapshot.version)
+                         rejected=0, rejects_file=None, seconds=round(time.perf_counter() - started, 3),
+                         version=snapshot.version)
 
 
 class _Lines:
     """The records of a corpus file, read twice: once to embed what is missing, once to score."""
 
-    def __init__(self, path: Path, *, text_field: str, id_field: str, on_error: str):
-        self.path, self.text_field, self.id_field, self.on_error = path, text_field, id_field, on_error
-        self.rejected = 0
+    def __init__(self, path: Path, *, text_field: str, id_field: str, rejects: Rejects):
+        self.path, self.text_field, self.id_field, self.rejects = path, text_field, id_field, rejects
         self.distinct: set[str] = set()
 
-    def _chunks(self, *, count: bool) -> Iterator[tuple[list[Record], list[str]]]:
+    def _chunks(self, *, first: bool) -> Iterator[tuple[list[Record], list[str]]]:
         chunk: list[Record] = []
-        for item in read_corpus(self.path, text_field=self.text_field, id_field=self.id_field):
-            if not isinstance(item, Record):
-                if self.on_error == "fail":
-                    raise InputError(self.path, item.line, item.reason)
-                self.rejected += count
-                continue
+        items = read_corpus(self.path, text_field=self.text_field, id_field=self.id_field)
+        # Bad lines are reported (or written to the rejects file) on the first pass only.
+        records = self.rejects.filter(items) if first else (item for item in items if isinstance(item, Record))
+        for item in records:
             chunk.append(item)
             if len(chunk) == CHUNK:
                 yield chunk, [doc_hash(r.text) for r in chunk]
@@ -155,14 +154,14 @@ class _Lines:
 
     def texts(self) -> Iterator[pa.RecordBatch]:
         """(doc_hash, text) batches for embedding."""
-        for records, keys in self._chunks(count=True):
+        for records, keys in self._chunks(first=True):
             self.distinct.update(keys)
             yield pa.record_batch({"doc_hash": keys, "text": [r.text for r in records]})
 
     def scored(self, vectors, *, model: str, layer: int, pooling: str) -> Iterator[pa.RecordBatch]:
         """(id, doc_hash, embedding) batches in file order, vectors read from ``vectors``."""
         partition = (pc.field("model") == model) & (pc.field("layer") == layer) & (pc.field("pooling") == pooling)
-        for records, keys in self._chunks(count=False):
+        for records, keys in self._chunks(first=False):
             found = vectors.to_table(columns=["doc_hash", "embedding"],
                                      filter=partition & pc.field("doc_hash").isin(sorted(set(keys))))
             index = {key: i for i, key in enumerate(found.column("doc_hash").to_pylist())}
@@ -180,7 +179,7 @@ class _Lines:
 def _write_predictions(batches, head: LoadedHead, output: Path) -> int:
     """Stream (key columns..., embedding) batches to ``output`` with the head's predictions."""
     classes = head.classes
-    label = head.card["label"]
+    label = head.card.label
     schema = None
     rows = 0
     with atomic_output(output, "wb") as handle:

@@ -15,7 +15,7 @@ import numpy as np
 
 from pipelines.metrics import Metrics
 from pipelines.training import EpochStats
-from warehouse.errors import MissingDependencyError
+from pipelines.errors import MissingDependencyError
 from warehouse.formats import atomic_output
 
 CURVES_HEIGHT = 3.2  # inches

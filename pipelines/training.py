@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 from pipelines.heads import HeadConfig, build_head, require_torch
-from warehouse.errors import HeadError
+from pipelines.errors import HeadError
 
 if TYPE_CHECKING:
     import torch

@@ -56,7 +56,7 @@ def test_empty_input_gives_empty_arrays(encoder):
 
 def test_attributes_come_from_the_card(encoder):
     assert (encoder.dim, encoder.num_layers, encoder.max_length, encoder.pooling) == (32, 2, 16, "mean")
-    assert encoder.key == encoder.card["key"]
+    assert encoder.key == encoder.card.key
 
 
 @pytest.mark.parametrize("damage", ["model.json", "model.onnx", "tokenizer.json"])

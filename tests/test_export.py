@@ -8,7 +8,7 @@ import pytest
 
 from pipelines.export import export_model
 from pipelines.models import resolve_model
-from warehouse.errors import ExportError, MissingDependencyError
+from pipelines.errors import ExportError, MissingDependencyError
 
 
 def _torch_pooled(model_dir, texts, *, pooling, max_length):

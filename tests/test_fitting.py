@@ -3,34 +3,37 @@ import json
 import numpy as np
 import pytest
 
-from pipelines.fitting import fit_head, list_heads
+from pipelines.fitting import fit_head
+from pipelines.head_catalog import list_heads
 from pipelines.heads import load_head
 from pipelines.ingest import ingest
-from warehouse import EwError, HeadError, UnknownModelKeyError
+from warehouse import EwError, SelectionError
+from pipelines.errors import HeadError, UnknownModelKeyError
 
 
 def test_fit_head_stores_a_self_describing_head(fitted):
     [row] = list_heads(fitted)
-    head = load_head(fitted.root / row["artifact"])
+    head = load_head(fitted.root / row.artifact)
     card = head.card
-    assert card["label"] == "section" and card["model"] == row["model"] and card["layer"] == row["layer"]
-    assert card["classes"] == row["classes"] and len(card["classes"]) == 4
-    assert card["split"]["train"] == 80 and card["split"]["seed"] == 0
-    assert card["trained_on_version"] == row["trained_on_version"]
-    assert card["hyperparameters"]["lr"] == 1e-3 and card["hyperparameters"]["kind"] == "mlp"
-    assert set(card["metrics"]) >= {"accuracy", "macro_f1", "per_class", "confusion"}
-    assert (fitted.root / row["artifact"] / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert card.label == "section" and card.model == row.model and card.layer == row.layer
+    assert card.classes == row.classes and len(card.classes) == 4
+    assert card.split["train"] == 80 and card.split["seed"] == 0
+    assert card.trained_on_version == row.trained_on_version
+    assert card.hyperparameters["lr"] == 1e-3 and card.hyperparameters["kind"] == "mlp"
+    assert set(card.metrics) >= {"accuracy", "macro_f1", "per_class", "confusion"}
+    assert row.card_dict() == card.to_dict()  # the catalog row carries the card as stored
+    assert (fitted.root / row.artifact / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     probabilities = head.predict_proba(np.zeros((2, 32), dtype=np.float32))
     assert probabilities.shape == (2, 4) and np.allclose(probabilities.sum(1), 1)
     viewed = fitted.query("select head, label, accuracy from heads").read_all().to_pylist()
-    assert viewed == [{"head": row["head"], "label": "section", "accuracy": row["accuracy"]}]
+    assert viewed == [{"head": row.head, "label": "section", "accuracy": row.accuracy}]
 
 
 def test_same_seed_same_head(warehouse_copy):
     first = fit_head(warehouse_copy, label="section", name="one", epochs=3)
     second = fit_head(warehouse_copy, label="section", name="two", epochs=3)
-    a = load_head(warehouse_copy.head_dir("one")).weights
-    b = load_head(warehouse_copy.head_dir("two")).weights
+    a = load_head(first.path).weights
+    b = load_head(second.path).weights
     assert all(np.array_equal(a[k], b[k]) for k in a)
     assert (first.train, first.val, first.test) == (second.train, second.val, second.test)
 
@@ -57,7 +60,7 @@ def test_json_summary_and_errors(warehouse_copy):
     data = result.to_dict()
     for key in ("head", "accuracy", "macro_f1", "train", "val", "test", "reused", "embedded", "seconds", "report"):
         assert key in data
-    with pytest.raises(HeadError, match="no label column 'colour'"):
+    with pytest.raises(SelectionError, match="no label column 'colour'"):
         fit_head(warehouse_copy, label="colour")
     with pytest.raises(HeadError, match="already exists"):
         fit_head(warehouse_copy, label="section", name="lin")

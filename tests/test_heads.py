@@ -10,18 +10,34 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.heads import HeadConfig, build_head, load_head, save_head
-from warehouse.errors import HeadError, MissingDependencyError
+from pipelines.heads import HeadCard, HeadConfig, build_head, load_head, save_head
+from pipelines.errors import HeadError, MissingDependencyError
 
 CLASSES = ["intro", "methods", "results"]
+
+
+def head_card(config: HeadConfig, **changes) -> HeadCard:
+    return HeadCard(name="section", config=config, classes=tuple(CLASSES), model="m-000000000000", layer=2,
+                    pooling="mean", label="section", trained_on_version=0, **changes)
 
 
 def saved_head(tmp_path: Path, *, kind: str = "mlp", activation: str = "gelu"):
     config = HeadConfig(kind=kind, input_dim=16, num_classes=3, hidden=8, activation=activation)
     torch.manual_seed(0)
     module = build_head(config).eval()
-    directory = save_head(tmp_path / "section", module, config=config, card={"classes": CLASSES, "seed": 0})
-    return directory, module, config
+    save_head(tmp_path / "section", module, head_card(config, hyperparameters={"seed": 0}))
+    return tmp_path / "section", module, config
+
+
+def edit_card(directory: Path, change, *, old_format: bool = False) -> None:
+    """Change head.json in place; ``old_format`` makes it a format-1 card (no digest over the card)."""
+    card_path = directory / "head.json"
+    card = json.loads(card_path.read_text())
+    change(card)
+    if old_format:
+        card["format"] = 1
+        card.pop("digest", None)
+    card_path.write_text(json.dumps(card))
 
 
 def test_round_trip_keeps_card_config_and_weights(tmp_path):
@@ -29,8 +45,8 @@ def test_round_trip_keeps_card_config_and_weights(tmp_path):
     head = load_head(directory)
     assert head.config == config
     assert head.classes == CLASSES
-    assert head.card["seed"] == 0 and head.card["format"] == 1
-    assert head.card["parameters"] == 16 * 8 + 8 + 8 * 3 + 3
+    assert head.card.hyperparameters["seed"] == 0 and head.card.format == 2
+    assert head.card.parameters == 16 * 8 + 8 + 8 * 3 + 3
     for name, tensor in module.state_dict().items():
         np.testing.assert_array_equal(head.weights[name], tensor.numpy())
     assert sorted(path.name for path in tmp_path.iterdir()) == ["section"]  # no temp dir left
@@ -70,7 +86,7 @@ def test_refuses_to_overwrite(tmp_path):
     directory, module, config = saved_head(tmp_path)
     before = (directory / "head.safetensors").read_bytes()
     with pytest.raises(HeadError, match="pick another --name"):
-        save_head(directory, module, config=config, card={"classes": CLASSES})
+        save_head(directory, module, head_card(config))
     assert (directory / "head.safetensors").read_bytes() == before
 
 
@@ -112,10 +128,7 @@ def test_missing_or_corrupt_files_raise_head_error_with_the_path(tmp_path):
 
 def test_corrupt_weights_without_digest_still_raise(tmp_path):
     directory, _, _ = saved_head(tmp_path)
-    card_path = directory / "head.json"
-    card = json.loads(card_path.read_text())
-    del card["weights_sha256"]
-    card_path.write_text(json.dumps(card))
+    edit_card(directory, lambda card: card.pop("weights_sha256"), old_format=True)
     (directory / "head.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(HeadError, match="corrupt"):
         load_head(directory)
@@ -123,14 +136,10 @@ def test_corrupt_weights_without_digest_still_raise(tmp_path):
 
 def test_shape_mismatch_raises(tmp_path):
     directory, _, _ = saved_head(tmp_path)
-    card_path = directory / "head.json"
-    card = json.loads(card_path.read_text())
-    card["config"]["input_dim"] = 32
-    card_path.write_text(json.dumps(card))
+    edit_card(directory, lambda card: card["config"].update(input_dim=32), old_format=True)
     with pytest.raises(HeadError, match=r"hidden.weight has shape \(8, 16\)"):
         load_head(directory)
-    card["config"]["input_dim"] = 16
-    card_path.write_text(json.dumps(card))
+    edit_card(directory, lambda card: card["config"].update(input_dim=16))
     with pytest.raises(HeadError, match=r"shape \(N, 16\), got \(2, 384\)"):
         load_head(directory).predict_proba(np.zeros((2, 384), np.float32))
 
@@ -140,3 +149,34 @@ def test_bad_config_is_a_head_error():
         HeadConfig(kind="transformer", input_dim=4, num_classes=2)
     with pytest.raises(HeadError, match="at least 2 classes"):
         HeadConfig(kind="mlp", input_dim=4, num_classes=1)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda card: card.pop("model"), "lacks model; the card was damaged"),
+        (lambda card: card.pop("label"), "lacks label"),
+        (lambda card: card.update(layer="2"), "'layer' must be an integer"),
+        (lambda card: card.update(classes=["intro", "intro", "results"]), "names a class twice"),
+        (lambda card: card.update(layer=5), "does not match its digest: its model, layer"),
+        (lambda card: card.update(model="other-000000000000"), "does not match its digest"),
+        (lambda card: card.update(format=7), "has format 7"),
+    ],
+)
+def test_a_tampered_card_is_refused_with_what_is_wrong(tmp_path, change, message):
+    directory, _, _ = saved_head(tmp_path)
+    edit_card(directory, change)
+    with pytest.raises(HeadError, match=message):
+        load_head(directory)
+
+
+def test_nan_weights_are_refused(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    directory, _, _ = saved_head(tmp_path)
+    weights = load_file(str(directory / "head.safetensors"))
+    weights["out.bias"][0] = np.nan
+    save_file(weights, str(directory / "head.safetensors"))
+    edit_card(directory, lambda card: card.pop("weights_sha256"), old_format=True)
+    with pytest.raises(HeadError, match="out.bias holds NaN or infinite values"):
+        load_head(directory)

@@ -7,9 +7,10 @@ import time
 
 import pytest
 
-from pipelines import ingest as ingest_module
+from pipelines import embedding as embedding_module
 from pipelines.ingest import ingest
-from warehouse import EwError, InputError, ModelNotFoundError, Warehouse
+from warehouse import EwError, Warehouse
+from pipelines.errors import InputError, ModelNotFoundError
 
 
 def write_corpus(path, records):
@@ -127,7 +128,7 @@ def test_an_unknown_model_says_where_it_looked(wh, tmp_path):
 def test_interrupted_ingest_keeps_committed_chunks_and_resumes(wh, tmp_path, tiny_bert_dir, monkeypatch):
     corpus = write_corpus(tmp_path / "c.jsonl", records(40))
     calls = {"n": 0}
-    real = ingest_module.encode_texts
+    real = embedding_module.encode_texts
 
     def interrupted(*args, **kwargs):
         calls["n"] += 1
@@ -135,10 +136,10 @@ def test_interrupted_ingest_keeps_committed_chunks_and_resumes(wh, tmp_path, tin
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ingest_module, "encode_texts", interrupted)
+    monkeypatch.setattr(embedding_module, "encode_texts", interrupted)
     with pytest.raises(KeyboardInterrupt):
         ingest(wh, corpus, model=str(tiny_bert_dir), chunk_size=10)
-    monkeypatch.setattr(ingest_module, "encode_texts", real)
+    monkeypatch.setattr(embedding_module, "encode_texts", real)
     assert count(wh, "select count(*) from documents") == 20
     resumed = ingest(wh, corpus, model=str(tiny_bert_dir), chunk_size=10)
     assert (resumed.embedded, resumed.reused) == (20, 20)

@@ -8,7 +8,7 @@ import pytest
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
 from pipelines.metrics import classification_metrics
-from warehouse.errors import HeadError
+from pipelines.errors import HeadError
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from pipelines.models import ALIASES, EXPORT_FORMAT, ModelOptionError, available_models, resolve_model
-from warehouse.errors import EwError, ModelNotFoundError
+from warehouse.errors import EwError
+from pipelines.errors import ModelNotFoundError
 
 
 @pytest.fixture

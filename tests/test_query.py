@@ -81,7 +81,7 @@ def test_syntax_error_is_a_query_error(wh):
 
 
 def test_results_stream_in_batches(wh):
-    reader = wh.query("select * from range(100000) t(i)", batch_rows=1000)
+    reader = wh.query("select * from range(100000) t(i)", batch_rows=1000).reader
     sizes = [batch.num_rows for batch in reader]
     assert sum(sizes) == 100000 and max(sizes) <= 100000 and len(sizes) > 1
 

@@ -9,7 +9,7 @@ import pytest
 from pipelines.metrics import classification_metrics
 from pipelines.report import write_report
 from pipelines.training import EpochStats
-from warehouse.errors import MissingDependencyError
+from pipelines.errors import MissingDependencyError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -23,7 +23,11 @@ def arrow_name(kind: pa.DataType) -> str:
 
 
 def plain(value):
-    return value.isoformat() if isinstance(value, datetime) else value
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, list) and value and all(isinstance(item, tuple) for item in value):
+        return dict(value)  # an Arrow map reads as a list of (key, value) pairs
+    return value
 
 
 @pytest.mark.parametrize("table", ["documents", "embeddings", "models", "heads", "log"])

@@ -1,10 +1,13 @@
+from contextlib import contextmanager
+
 import numpy as np
 import pyarrow as pa
 import pytest
 
 from warehouse.tables import vector_column
-from warehouse import EwError, HeadError, Warehouse
+from warehouse import EwError, SelectionError, Warehouse
 from warehouse.keys import doc_hash
+from warehouse.selection import DocumentFilter
 from warehouse.splits import LabelledVectors, SplitSpec
 
 DIM = 8
@@ -52,9 +55,17 @@ def wh(tmp_path):
     return wh
 
 
+@contextmanager
+def assembled(wh, label="topic", **options):
+    """(data, stats) of the labelled vectors of the fixture's model, layer 2."""
+    with LabelledVectors(wh, model="m-000000000000", layer=2, pooling="mean", documents=DocumentFilter(label=label),
+                         **options) as data:
+        yield data, data.assemble()
+
+
 def splits_of(wh, **options):
-    with LabelledVectors(wh, model="m-000000000000", layer=2, pooling="mean", label="topic", **options) as data:
-        return {split: {h for _, _, keys in data.keyed_batches(split, batch_size=50) for h in keys} for split in ("train", "val", "test")}, data.counts
+    with assembled(wh, **options) as (data, stats):
+        return {split: {h for _, _, keys in data.keyed_batches(split, batch_size=50) for h in keys} for split in ("train", "val", "test")}, stats.counts
 
 
 def test_split_is_a_function_of_doc_hash_and_seed(wh):
@@ -85,23 +96,23 @@ def test_another_seed_gives_another_split(wh):
 
 @pytest.mark.parametrize("pile_rows", [8192, 32])
 def test_epochs_are_shuffled_reproducibly(wh, pile_rows):
-    with LabelledVectors(wh, model="m-000000000000", layer=2, pooling="mean", label="topic", pile_rows=pile_rows) as data:
+    with assembled(wh, pile_rows=pile_rows) as (data, stats):
         one = np.concatenate([x for x, _ in data.batches("train", batch_size=16, epoch=1)])
         again = np.concatenate([x for x, _ in data.batches("train", batch_size=16, epoch=1)])
         two = np.concatenate([x for x, _ in data.batches("train", batch_size=16, epoch=2)])
-        assert one.shape == (data.counts["train"], DIM) and one.dtype == np.float32
+        assert one.shape == (stats.counts["train"], DIM) and one.dtype == np.float32
         assert np.array_equal(one, again)
         assert not np.array_equal(one, two)
         assert np.allclose(np.sort(one, axis=0), np.sort(two, axis=0))
-        assert data.classes == ["class0", "class1", "class2"]
-        assert data.missing_label == 30
+        assert stats.classes == ("class0", "class1", "class2")
+        assert stats.missing_label == 30
 
 
 def test_a_fresh_copy_gives_the_same_epochs(wh):
     add(wh, 300, 600)  # vectors in two files: rows reach DuckDB's join in no fixed order
 
     def epoch():
-        with LabelledVectors(wh, model="m-000000000000", layer=2, pooling="mean", label="topic", pile_rows=32, threads=2) as data:
+        with assembled(wh, pile_rows=32, threads=2) as (data, _):
             return [(x.copy(), y.copy()) for x, y in data.batches("train", batch_size=16, epoch=3)]
 
     first, second = epoch(), epoch()
@@ -112,11 +123,11 @@ def test_a_fresh_copy_gives_the_same_epochs(wh):
 def test_a_corpus_ingested_in_label_order_still_gives_mixed_batches(tmp_path):
     wh = Warehouse.open(tmp_path / "wh", create=True)
     add(wh, 0, 900, labeller=lambda i: f"class{i // 300}")  # 300 of class0, then class1, then class2
-    with LabelledVectors(wh, model="m-000000000000", layer=2, pooling="mean", label="topic", pile_rows=64) as data:
-        assert data.piles["train"] == -(-data.counts["train"] // 64) > 1
+    with assembled(wh, pile_rows=64) as (data, stats):
+        assert stats.piles["train"] == -(-stats.counts["train"] // 64) > 1
         batches = [y for _, y in data.batches("train", batch_size=32, epoch=1)]
         labels = np.concatenate(batches)
-        assert len(labels) == data.counts["train"]
+        assert len(labels) == stats.counts["train"]
         assert np.array_equal(np.bincount(labels), np.bincount(np.concatenate([y for _, y in data.batches("train", batch_size=500)])))
         # Every full batch mixes the classes, and the epoch does not start with the first class.
         assert all(len(set(y.tolist())) > 1 for y in batches if len(y) == 32)
@@ -124,8 +135,8 @@ def test_a_corpus_ingested_in_label_order_still_gives_mixed_batches(tmp_path):
 
 
 def test_unknown_label_lists_the_usable_fields(wh):
-    with pytest.raises(HeadError, match="no label column 'sentiment'; fields you can use: topic"):
-        LabelledVectors(wh, model="m-000000000000", layer=2, pooling="mean", label="sentiment")
+    with pytest.raises(SelectionError, match="no label column 'sentiment'; fields you can use: topic"):
+        LabelledVectors(wh, model="m-000000000000", layer=2, pooling="mean", documents=DocumentFilter(label="sentiment"))
 
 
 def test_bad_split_spec():

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.heads import load_head, save_head
+from pipelines.heads import HeadCard, load_head, save_head
 from pipelines.training import TrainConfig, predict_batches, prefetch, train_head
-from warehouse.errors import HeadError
+from pipelines.errors import HeadError
 
 DIM, CLASSES = 16, 3
 
@@ -68,7 +68,9 @@ def test_learns_separable_blobs():
 def test_saved_head_predicts_like_the_trained_module(tmp_path):
     train, val = blobs(300, seed=1), blobs(100, seed=2)
     result = fit(train, val, epochs=2)
-    directory = save_head(tmp_path / "blobs", result.module, config=result.config, card={"classes": ["a", "b", "c"]})
+    directory = tmp_path / "blobs"
+    save_head(directory, result.module, HeadCard(name="blobs", config=result.config, classes=("a", "b", "c"), model="m",
+                                                 layer=0, pooling="mean", label="blob", trained_on_version=0))
     _, y_pred = predict_batches(result.module, batched(*val))
     np.testing.assert_array_equal(load_head(directory).predict(val[0]), y_pred)
 

@@ -57,50 +57,9 @@ class QueryRefusedError(QueryError):
         super().__init__(f"query refused: {reason}. `ew query` runs one read-only SELECT over the warehouse tables")
 
 
-class InputError(EwError):
-    """A line of an input corpus is unusable."""
-
-    def __init__(self, path: Path | str, line: int, reason: str, *, hint: str | None = None):
-        self.path = str(path)
-        self.line = line
-        self.reason = reason
-        hint = hint or "fix the line, or pass --on-error skip to skip such lines and write them to a rejects file"
-        super().__init__(f"{self.path}, line {line}: {reason}; {hint}")
+class SelectionError(EwError):
+    """The documents or vectors asked for cannot be selected (unknown column, bad condition)."""
 
 
-class ModelNotFoundError(EwError):
-    def __init__(self, name: str, looked_in: list[str], *, hint: str | None = None):
-        self.name = name
-        self.looked_in = looked_in
-        where = "; ".join(looked_in) if looked_in else "nowhere"
-        hint = hint or (
-            "pass a local directory in Hugging Face format (config.json, weights, tokenizer), "
-            "or an alias from `ew models --available`"
-        )
-        super().__init__(f"model {name!r} not found (looked in: {where}); {hint}")
-
-
-class ExportError(EwError):
-    """Exporting a model to ONNX failed or its outputs disagree with the torch model."""
-
-
-class UnknownModelKeyError(EwError):
-    def __init__(self, key: str, known: list[str]):
-        self.key = key
-        self.known = known
-        listing = ", ".join(known) if known else "none yet: run `ew ingest` first"
-        super().__init__(f"no model {key!r} in this warehouse (registered: {listing}); see `ew models`")
-
-
-class HeadError(EwError):
-    """A head cannot be trained, found or applied."""
-
-
-class MissingDependencyError(EwError):
-    def __init__(self, module: str, extra: str, purpose: str):
-        self.module = module
-        self.extra = extra
-        super().__init__(
-            f"{purpose} needs the Python package {module!r}, which is not installed; "
-            f"install it with: pip install 'ew[{extra}]'"
-        )
+class StorageError(EwError):
+    """A table, file or artifact of the warehouse is missing, damaged or cannot be written."""

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import WarehouseLockedError
+from .errors import StorageError, WarehouseLockedError
 
 LOCK_NAME = ".ew-write.lock"
 
@@ -21,7 +21,13 @@ LOCK_NAME = ".ew-write.lock"
 def write_lock(root: Path) -> Iterator[None]:
     """Hold the warehouse's write lock for the duration of the block, or raise WarehouseLockedError."""
     path = root / LOCK_NAME
-    handle = open(path, "a+")
+    try:
+        handle = open(path, "a+")
+    except OSError as error:
+        raise StorageError(
+            f"cannot write to the warehouse {root} ({error.strerror}: {path}); commands that write need "
+            "write access to it: check its permissions and free space, or read it with `ew query`"
+        ) from None
     try:
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import duckdb
@@ -28,9 +28,11 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from .errors import EwError, HeadError, QueryError, first_line
-from .query import check_sql, connect
-from .tables import DOCUMENTS, EMBEDDINGS, RESERVED_DOCUMENT_COLUMNS
+from .errors import EwError, QueryError, StorageError
+from .query import connect, sql_error_message
+from .selection import INTERNAL_MEMORY_LIMIT, DocumentFilter, quote
+from .tables import DOCUMENTS, EMBEDDINGS
+from .versions import Snapshot
 
 if TYPE_CHECKING:
     from .store import Warehouse
@@ -38,8 +40,6 @@ if TYPE_CHECKING:
 SPLITS = ("train", "val", "test")
 BUCKETS = 10_000
 FETCH_ROWS = 8192
-# DuckDB's limit for ew's own queries: it spills beyond it, and fit-head's peak RSS stays low.
-INTERNAL_MEMORY_LIMIT = "128MB"
 PILE_ROWS = 8192  # rows shuffled together within an epoch (~12 MB of 384-wide vectors)
 SCATTER_BYTES = 32 << 20  # vectors held back, all piles together, while they are copied in
 BLOBS = pa.schema([("doc_hash", pa.string()), ("x", pa.large_binary())])
@@ -84,17 +84,16 @@ class SplitSpec:
         )
 
 
-def quote(identifier: str) -> str:
-    return '"' + identifier.replace('"', '""') + '"'
-
-
 def _blob_column(vectors: pa.ListArray | pa.ChunkedArray, dim: int) -> pa.Array:
     """list<float32> rows of width ``dim`` -> binary rows of their raw bytes, without a copy per row."""
     if isinstance(vectors, pa.ChunkedArray):
         vectors = vectors.combine_chunks()
     lengths = vectors.value_lengths().to_numpy(zero_copy_only=False)
     if len(lengths) and (lengths.min() != dim or lengths.max() != dim):
-        raise HeadError(f"embeddings of width {lengths.min()}..{lengths.max()} found where {dim} was expected")
+        raise StorageError(
+            f"embeddings of width {lengths.min()}..{lengths.max()} found where {dim} was expected; "
+            "the embeddings table is inconsistent: run `ew verify --deep`"
+        )
     values = vectors.flatten().cast(pa.float32())
     data = np.ascontiguousarray(values.to_numpy(zero_copy_only=False))
     offsets = np.arange(0, (len(vectors) + 1) * dim * 4, dim * 4, dtype=np.int64)
@@ -127,69 +126,20 @@ def _vector_batches(vectors: pads.Dataset, *, model: str, layer: int, pooling: s
 
 
 @dataclass(frozen=True)
-class DocumentFilter:
-    """Which documents take part: those with a non-null ``label``, of ``corpus``, matching ``where``."""
+class SplitStats:
+    """What :meth:`LabelledVectors.assemble` found and copied."""
 
-    label: str | None = None
-    corpus: str | None = None
-    where: str | None = None
-
-    def check(self, columns: list[str]) -> None:
-        if self.label is not None and (self.label not in columns or self.label in RESERVED_DOCUMENT_COLUMNS - {"text"}):
-            usable = sorted(set(columns) - RESERVED_DOCUMENT_COLUMNS)
-            raise HeadError(
-                f"documents has no label column {self.label!r}; fields you can use: "
-                f"{', '.join(usable) or 'none yet (ingest a corpus first)'}"
-            )
-        if self.where:
-            check_sql(f"SELECT 1 FROM documents WHERE {self.where}")
-
-    def condition(self, *, labelled: bool = True) -> tuple[str, list]:
-        """A SQL condition over ``documents`` and its parameters."""
-        clauses, params = [], []
-        if labelled and self.label is not None:
-            clauses.append(f"{quote(self.label)} IS NOT NULL")
-        if self.corpus is not None:
-            clauses.append("corpus = ?")
-            params.append(self.corpus)
-        if self.where:
-            clauses.append(f"({self.where})")
-        return (" AND ".join(clauses) or "TRUE"), params
+    version: int                    # the warehouse version read
+    documents: int                  # distinct texts (doc_hash) among the rows
+    classes: tuple[str, ...]        # label values, sorted; a row's y indexes this
+    counts: dict[str, int]          # rows per split
+    rare_classes: tuple[str, ...]   # classes too small to appear in every split
+    missing_label: int              # documents of the filter whose label is null (left out)
+    no_vector: int                  # labelled texts without a vector of this model/layer (left out)
+    dim: int                        # vector width (0 when no row has a vector)
+    piles: dict[str, int]           # piles per split, each about pile_rows rows
 
 
-def missing_vectors(
-    warehouse: "Warehouse",
-    *,
-    documents: DocumentFilter,
-    model: str,
-    layer: int,
-    pooling: str,
-    batch_rows: int = 4096,
-    probe: bool = False,
-) -> Iterator[pa.RecordBatch]:
-    """(doc_hash, text) batches of the latest version's documents that lack a vector of model/layer/pooling.
-
-    With ``probe``, at most one row and no text: a cheap "is anything missing?".
-    """
-    snapshot = warehouse.snapshot()
-    documents.check(warehouse.dataset(DOCUMENTS, snapshot).schema.names)
-    condition, params = documents.condition()
-    columns, tail = ("doc_hash", "LIMIT 1") if probe else ("doc_hash, any_value(text) AS text", "GROUP BY doc_hash")
-    con = connect(warehouse, snapshot, memory_limit=INTERNAL_MEMORY_LIMIT)
-    try:
-        reader = con.sql(
-            f"SELECT {columns} FROM documents WHERE {condition} AND doc_hash NOT IN "
-            f"(SELECT doc_hash FROM embeddings WHERE model = ? AND layer = ? AND pooling = ?) {tail}",
-            params=params + [model, layer, pooling],
-        ).to_arrow_reader(batch_rows)
-        yield from reader
-    except duckdb.Error as error:
-        raise QueryError(f"finding documents without vectors failed: {first_line(error)}") from None
-    finally:
-        con.close()
-
-
-@dataclass
 class LabelledVectors:
     """The labelled vectors of one model / layer / pooling at one warehouse version, split by doc_hash.
 
@@ -201,52 +151,65 @@ class LabelledVectors:
     and shuffles each pile's rows with the same generator, so at most one pile is in memory.
     DuckDB keeps the piles within its memory limit and spills the rest to its temp directory;
     nothing is ever sorted as a whole (DuckDB cannot sort wide rows far beyond its limit).
+
+        with LabelledVectors(wh, model=key, layer=6, pooling="mean", documents=DocumentFilter(label="section")) as data:
+            stats = data.assemble()
+            for x, y in data.batches("train", batch_size=64, epoch=1): ...
     """
 
-    warehouse: "Warehouse"
-    model: str
-    layer: int
-    pooling: str
-    label: str
-    spec: SplitSpec = field(default_factory=SplitSpec)
-    corpus: str | None = None
-    where: str | None = None
-    version: int | None = None
-    memory_limit: str = INTERNAL_MEMORY_LIMIT
-    threads: int | None = None
-    pile_rows: int = PILE_ROWS
-
-    def __post_init__(self) -> None:
-        snapshot = self._snapshot = self.warehouse.snapshot(self.version)
-        self.version = snapshot.version
-        self._documents = DocumentFilter(label=self.label, corpus=self.corpus, where=self.where)
-        self._documents.check(self.warehouse.dataset(DOCUMENTS, snapshot).schema.names)
+    def __init__(
+        self,
+        warehouse: "Warehouse",
+        *,
+        model: str,
+        layer: int,
+        pooling: str,
+        documents: DocumentFilter,
+        spec: SplitSpec = SplitSpec(),
+        version: int | None = None,
+        memory_limit: str = INTERNAL_MEMORY_LIMIT,
+        threads: int | None = None,
+        pile_rows: int = PILE_ROWS,
+    ):
+        if documents.label is None:
+            raise EwError("labelled vectors need a label: DocumentFilter(label=...)")
+        self.warehouse, self.model, self.layer, self.pooling = warehouse, model, layer, pooling
+        self.documents, self.spec, self.pile_rows = documents, spec, pile_rows
+        self.snapshot: Snapshot = warehouse.snapshot(version)
+        self.stats: SplitStats | None = None
+        datasets = warehouse.datasets(self.snapshot)
+        documents.check(datasets[DOCUMENTS].schema.names)
         # The vectors stream through joins on the probe side: only narrow keys are ever hashed.
-        self._con = connect(self.warehouse, snapshot, memory_limit=self.memory_limit, threads=self.threads,
+        self._con = connect(datasets, memory_limit=memory_limit, threads=threads,
                             settings={"disabled_optimizers": "build_side_probe_side"})
+
+    def assemble(self) -> SplitStats:
+        """Count the labelled rows and copy their vectors into the piles; call once, before reading."""
         try:
-            self._count()
-            self._scatter()
+            counted = self._count()
+            dim = self._scatter(counted["piles"])
         except duckdb.Error as error:
             self.close()
-            raise QueryError(f"assembling the training data failed: {first_line(error)}") from None
+            raise QueryError(f"assembling the training data failed: {sql_error_message(error)}") from None
         except BaseException:  # a bad vector, Ctrl-C: nothing stays open
             self.close()
             raise
         finally:
             # Hand the Arrow buffers of the copy back to the OS before training starts.
             pa.default_memory_pool().release_unused()
+        self.stats = SplitStats(version=self.snapshot.version, dim=dim, **counted)
+        return self.stats
 
     # -- building ------------------------------------------------------------------
-    def _count(self) -> None:
+    def _count(self) -> dict:
         """Narrow queries first (no vectors): labels, splits, classes, and each row's pile."""
         con = self._con
-        label = quote(self.label)
-        condition, params = self._documents.condition(labelled=False)
-        self.missing_label = con.execute(
+        label = quote(self.documents.label)
+        condition, params = self.documents.condition(labelled=False)
+        missing_label = con.execute(
             f"SELECT count(*) FROM documents WHERE {label} IS NULL AND {condition}", params
         ).fetchone()[0]
-        condition, params = self._documents.condition()
+        condition, params = self.documents.condition()
         con.execute(
             f"CREATE TABLE labelled AS SELECT DISTINCT doc_hash, CAST({label} AS VARCHAR) AS label "
             f"FROM documents WHERE {condition}",
@@ -254,8 +217,7 @@ class LabelledVectors:
         )
         vectors = "(SELECT doc_hash FROM embeddings WHERE model = ? AND layer = ? AND pooling = ?)"
         vector_params = [self.model, self.layer, self.pooling]
-        #: Labelled texts without a vector of this model/layer at this version (left out).
-        self.no_embedding = con.execute(
+        no_vector = con.execute(
             f"SELECT count(*) FROM labelled ANTI JOIN {vectors} USING (doc_hash)", vector_params
         ).fetchone()[0]
         con.execute(
@@ -264,19 +226,15 @@ class LabelledVectors:
             vector_params,
         )
         con.execute("DROP TABLE labelled")
-        #: Distinct texts (doc_hash) among the rows.
-        self.documents = con.execute("SELECT count(DISTINCT doc_hash) FROM present").fetchone()[0]
+        documents = con.execute("SELECT count(DISTINCT doc_hash) FROM present").fetchone()[0]
         per_class: dict[str, dict[str, int]] = {}
         for name, split, count in con.execute("SELECT label, split, count(*) FROM present GROUP BY ALL").fetchall():
             per_class.setdefault(name, {s: 0 for s in SPLITS})[split] = count
-        self.classes = sorted(per_class)
-        self.counts = {s: sum(c[s] for c in per_class.values()) for s in SPLITS}
-        #: Classes too small to appear in every split.
-        self.rare_classes = [name for name in self.classes if min(per_class[name].values()) == 0]
-        #: Piles per split: each holds about pile_rows rows.
-        self.piles = {s: max(1, math.ceil(self.counts[s] / self.pile_rows)) for s in SPLITS}
-        con.register("ew_classes", pa.table({"label": self.classes, "y": np.arange(len(self.classes), dtype=np.int64)}))
-        pile = " ".join(f"WHEN '{s}' THEN {n}" for s, n in self.piles.items())
+        classes = sorted(per_class)
+        counts = {s: sum(c[s] for c in per_class.values()) for s in SPLITS}
+        piles = {s: max(1, math.ceil(counts[s] / self.pile_rows)) for s in SPLITS}
+        con.register("ew_classes", pa.table({"label": classes, "y": np.arange(len(classes), dtype=np.int64)}))
+        pile = " ".join(f"WHEN '{s}' THEN {n}" for s, n in piles.items())
         con.execute(
             f"CREATE TABLE keys AS SELECT p.doc_hash, p.split, c.y, "
             f"hash(p.doc_hash, p.label, $seed) % (CASE p.split {pile} END) AS pile "
@@ -285,27 +243,33 @@ class LabelledVectors:
         )
         con.unregister("ew_classes")
         con.execute("DROP TABLE present")
+        return dict(
+            documents=documents, classes=tuple(classes), counts=counts, piles=piles, missing_label=missing_label,
+            no_vector=no_vector, rare_classes=tuple(name for name in classes if min(per_class[name].values()) == 0),
+        )
 
-    def _scatter(self) -> None:
+    def _scatter(self, piles: dict[str, int]) -> int:
         """Copy every vector once, from the pinned Parquet files into its pile.
 
         One streaming join: DuckDB builds its hash table on the narrow ``keys`` once and probes
         it with the vectors as they are read, so the copy is linear in the number of vectors.
         Rows reach the piles in no fixed order; readers sort each pile (see :meth:`_stream`).
+        Returns the vectors' width.
         """
-        names = [_pile_table(split, pile) for split in SPLITS for pile in range(self.piles[split])]
-        first_pile = np.cumsum([0] + [self.piles[s] for s in SPLITS[:-1]])  # of each split, in ``names``
+        names = [_pile_table(split, pile) for split in SPLITS for pile in range(piles[split])]
+        first_pile = np.cumsum([0] + [piles[s] for s in SPLITS[:-1]])  # of each split, in ``names``
         for name in names:
             self._con.execute(f"CREATE TABLE {name} (doc_hash VARCHAR, y BIGINT, x BLOB)")
-        self.dim = 0
+        width = 0
 
         def blobs() -> Iterator[pa.RecordBatch]:
-            vectors = self.warehouse.dataset(EMBEDDINGS, self._snapshot)
+            nonlocal width
+            vectors = self.warehouse.dataset(EMBEDDINGS, self.snapshot)
             for batch in _vector_batches(vectors, model=self.model, layer=self.layer, pooling=self.pooling):
                 if batch.num_rows:
-                    self.dim = self.dim or len(batch.column("embedding")[0])
-                    yield pa.record_batch([batch.column("doc_hash").cast(pa.string()), _blob_column(batch.column("embedding"), self.dim)],
-                                          schema=BLOBS)
+                    width = width or len(batch.column("embedding")[0])
+                    blob = _blob_column(batch.column("embedding"), width)
+                    yield pa.record_batch([batch.column("doc_hash").cast(pa.string()), blob], schema=BLOBS)
 
         buffers: dict[int, list[pa.Table]] = {}
         buffered: dict[int, int] = {}
@@ -326,7 +290,7 @@ class LabelledVectors:
             flush_rows = 0
             for rows in joined:
                 # Rows held back per pile between inserts: all piles together within SCATTER_BYTES.
-                flush_rows = flush_rows or max(64, SCATTER_BYTES // ((self.dim * 4 + 100) * len(names)))
+                flush_rows = flush_rows or max(64, SCATTER_BYTES // ((width * 4 + 100) * len(names)))
                 splits = pc.index_in(rows.column("split"), value_set=pa.array(SPLITS)).to_numpy(zero_copy_only=False)
                 piles = first_pile[splits] + rows.column("pile").to_numpy(zero_copy_only=False).astype(np.int64)
                 order = np.argsort(piles, kind="stable")
@@ -348,6 +312,7 @@ class LabelledVectors:
             self._con.unregister("ew_vectors")
             inserter.close()
         self._con.execute("DROP TABLE keys")
+        return width
 
     # -- reading -------------------------------------------------------------------
     def batches(self, split: str, *, batch_size: int, epoch: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -366,8 +331,11 @@ class LabelledVectors:
     def _stream(self, split: str, *, batch_size: int, epoch: int | None, keys: bool):
         if split not in SPLITS:
             raise EwError(f"unknown split {split!r}; one of {', '.join(SPLITS)}")
+        if self.stats is None:
+            raise EwError("LabelledVectors.assemble() must run before its batches are read")
+        count = self.stats.piles[split]
         rng = None if epoch is None else np.random.default_rng([self.spec.seed, epoch])
-        piles = range(self.piles[split]) if rng is None else rng.permutation(self.piles[split])
+        piles = range(count) if rng is None else rng.permutation(count)
         # A cursor of its own, so a stream can run in a prefetch thread beside another.
         cursor = self._con.cursor()
         try:
@@ -381,7 +349,7 @@ class LabelledVectors:
                     order = order[rng.permutation(len(order))]
                 # One reordered copy per pile, batches are views of it: few, same-sized
                 # allocations keep the allocator's heap from fragmenting across epochs.
-                x = _matrix(rows.column("x"), self.dim)[order]
+                x = _matrix(rows.column("x"), self.stats.dim)[order]
                 y = rows.column("y").to_numpy()[order]
                 hashes = rows.column("doc_hash").take(order).to_pylist() if keys else None
                 for start in range(0, len(y), batch_size):

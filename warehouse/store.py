@@ -1,10 +1,15 @@
-"""The warehouse: a directory of Delta tables plus the artifacts (models, heads) they refer to.
+"""The warehouse: Delta tables plus the artifacts (models, heads) they refer to.
 
     wh = Warehouse.open("ew-warehouse")
-    wh.query("select model, count(*) from embeddings group by all").read_all()
+    wh.query("select model, count(*) from embeddings group by all").reader.read_all()
     with wh.writer() as w:          # one writer at a time
         w.append_embeddings(rows)   # a Delta commit to one table
         w.commit("ingest", detail)  # the warehouse version that makes it visible
+
+What a crash leaves: every table write is one atomic Delta commit, and a warehouse version
+is the log row that pins them. A writer killed between the two leaves tables ahead of the
+log; the next writer settles that first (:meth:`Writer.settle`), adopting the complete
+commits in a ``recover`` version, so no row stays hidden and none is stored twice.
 """
 from __future__ import annotations
 
@@ -12,7 +17,6 @@ import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -21,32 +25,21 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 from deltalake import ColumnProperties, DeltaTable, WriterProperties, write_deltalake
 
-from .errors import EwError, WarehouseNotFoundError, first_line
-from .lock import write_lock
-from .tables import (
-    delta_dataset,
-    DOCUMENTS,
-    EMBEDDINGS,
-    HEADS,
-    LOG,
-    LOG_SCHEMA,
-    MODELS,
-    PARTITIONS,
-    SCHEMAS,
-    TABLES,
-)
-from .versions import LogEntry, Snapshot, latest_version, read_log, resolve_snapshot
+from .catalog import HeadRow, ModelRow
+from .errors import EwError, StorageError, WarehouseNotFoundError, first_line
+from .query import QueryResult, run_query
+from .storage import LocalStorage
+from .tables import DOCUMENTS, EMBEDDINGS, HEADS, LOG, LOG_SCHEMA, MODELS, PARTITIONS, SCHEMAS, TABLES, delta_dataset
+from .versions import LogEntry, Snapshot, entries, snapshot_of
 
 DEFAULT_PATH = "ew-warehouse"
 ENV_VAR = "EW_WAREHOUSE"
 MARKER = "ew-warehouse.json"
 FORMAT = 1
 
-
 # Every version must stay readable: delta-rs would otherwise delete log files older than
 # 30 days at each checkpoint, and time travel to those versions would break.
 TABLE_CONFIGURATION = {"delta.enableExpiredLogCleanup": "false"}
-
 
 # Float vectors gain nothing from dictionaries (the writer tries one, then falls back, and the
 # file keeps both); without them and with ZSTD a vector takes ~0.95 of its raw 4 x dim bytes.
@@ -68,10 +61,10 @@ def now_utc() -> datetime:
 
 
 class Warehouse:
-    """A warehouse directory. Open it with :meth:`open`; every read pins one version."""
+    """A warehouse. Open it with :meth:`open`; every read pins one version."""
 
-    def __init__(self, root: Path):
-        self.root = root
+    def __init__(self, storage: LocalStorage):
+        self.storage = storage
 
     # -- opening -------------------------------------------------------------------
     @classmethod
@@ -83,82 +76,133 @@ class Warehouse:
         root = Path(path) if path is not None else default_path()
         marker = root / MARKER
         if marker.is_file():
-            return cls(root.resolve())
+            return cls(LocalStorage(root))
         if not create:
             raise WarehouseNotFoundError(root)
-        if root.exists() and any(root.iterdir()):
+        if root.exists() and (not root.is_dir() or any(root.iterdir())):
             raise EwError(
                 f"{root} exists and is not an ew warehouse (no {MARKER}); "
                 "choose an empty or new directory for --warehouse"
             )
-        root.mkdir(parents=True, exist_ok=True)
-        temporary = root / f".{MARKER}.tmp"
-        temporary.write_text(json.dumps({"format": FORMAT, "created_at": now_utc().isoformat()}) + "\n")
-        os.replace(temporary, marker)
-        return cls(root.resolve())
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            temporary = root / f".{MARKER}.tmp"
+            temporary.write_text(json.dumps({"format": FORMAT, "created_at": now_utc().isoformat()}) + "\n")
+            os.replace(temporary, marker)
+        except OSError as error:
+            raise StorageError(f"cannot create a warehouse at {root} ({error.strerror}); choose a writable directory") from None
+        return cls(LocalStorage(root))
 
     # -- paths ---------------------------------------------------------------------
-    def table_path(self, table: str) -> Path:
-        return self.root / table
+    @property
+    def root(self) -> Path:
+        """The local directory of the warehouse (artifacts live below it)."""
+        return self.storage.root
 
     def model_dir(self, model_key: str) -> Path:
         return self.root / "artifacts" / "models" / model_key
 
-    def head_dir(self, name: str) -> Path:
-        return self.root / "artifacts" / "heads" / name
+    def heads_dir(self) -> Path:
+        return self.root / "artifacts" / "heads"
 
     # -- reading -------------------------------------------------------------------
+    def _open_delta(self, table: str, version: int | None = None) -> DeltaTable | None:
+        """The Delta table (at ``version``, default newest), None if it was never created."""
+        uri = self.storage.table_uri(table)
+        options = self.storage.storage_options
+        try:
+            if not DeltaTable.is_deltatable(uri, storage_options=options):
+                return None
+            return DeltaTable(uri, version=version, storage_options=options)
+        except Exception as error:  # deltalake raises its own errors (and panics) for a damaged log
+            which = "the newest version" if version is None else f"version {version}"
+            raise StorageError(
+                f"cannot read {which} of the {table} table at {uri} ({first_line(error)}); its Delta log is "
+                "missing or damaged: run `ew verify` to see what is wrong"
+            ) from None
+
+    def _log(self) -> pa.Table:
+        table = self._open_delta(LOG)
+        if table is None:
+            return LOG_SCHEMA.empty_table()
+        return self._read(delta_dataset(table, self.storage, LOG), LOG)
+
+    def _read(self, dataset: pads.Dataset, table: str, **options) -> pa.Table:
+        try:
+            return dataset.to_table(**options)
+        except (OSError, pa.ArrowException) as error:
+            raise StorageError(
+                f"cannot read the {table} table ({first_line(error)}); a data file is missing or damaged: "
+                "run `ew verify` to see what is wrong"
+            ) from None
+
     def latest_version(self) -> int | None:
-        return latest_version(self.root)
+        log = self._log()
+        return None if log.num_rows == 0 else int(pc.max(log.column("version")).as_py())
 
     def snapshot(self, version: int | None = None) -> Snapshot:
-        return resolve_snapshot(self.root, version)
+        """The tables as warehouse version ``version`` (default: the latest) pins them."""
+        return snapshot_of(self._log(), version)
 
     def log(self) -> list[LogEntry]:
         """Every version, oldest first."""
-        return read_log(self.root)
+        return entries(self._log())
 
     def delta_table(self, table: str, snapshot: Snapshot) -> DeltaTable | None:
         table_version = snapshot.table_versions.get(table, -1)
-        if table_version < 0:
-            return None
-        try:
-            return DeltaTable(str(self.table_path(table)), version=table_version)
-        except Exception as error:  # deltalake raises its own errors for a missing log or version
-            raise EwError(
-                f"cannot read version {table_version} of the {table} table for warehouse version {snapshot.version} "
-                f"({first_line(error)}); its Delta log may have been cleaned up or damaged"
-            ) from None
+        return None if table_version < 0 else self._open_delta(table, table_version)
 
     def dataset(self, table: str, snapshot: Snapshot) -> pads.Dataset:
         """A pyarrow dataset of ``table`` as ``snapshot`` pins it (an empty one before the table exists)."""
         delta = self.delta_table(table, snapshot)
         if delta is None:
             return pads.dataset(SCHEMAS[table].empty_table())
-        return delta_dataset(delta, self.table_path(table))
+        return delta_dataset(delta, self.storage, table)
+
+    def datasets(self, snapshot: Snapshot) -> dict[str, pads.Dataset]:
+        """Every pinned table of ``snapshot``, by name."""
+        return {table: self.dataset(table, snapshot) for table in TABLES}
 
     def current_dataset(self, table: str) -> pads.Dataset:
-        """The table's newest Delta version, including writes no warehouse version points at yet.
-
-        Only writers use this, under the write lock, to never store a row twice.
-        """
-        path = str(self.table_path(table))
-        if not DeltaTable.is_deltatable(path):
+        """The table's newest Delta version. Only writers use this, under the write lock,
+        after :meth:`Writer.settle` has made it the one the latest warehouse version pins."""
+        delta = self._open_delta(table)
+        if delta is None:
             return pads.dataset(SCHEMAS[table].empty_table())
-        return delta_dataset(DeltaTable(path), self.table_path(table))
+        return delta_dataset(delta, self.storage, table)
 
-    def query(self, sql: str, *, version: int | None = None, batch_rows: int = 8192) -> "pa.RecordBatchReader":
-        """Run one sandboxed, read-only SELECT pinned to ``version``; returns a streaming reader."""
-        from .query import run_query
+    def current_versions(self) -> dict[str, int]:
+        """The newest Delta version of every table (-1: not created yet)."""
+        versions = {}
+        for table in TABLES:
+            delta = self._open_delta(table)
+            versions[table] = -1 if delta is None else delta.version()
+        return versions
 
-        return run_query(self, sql, version=version, batch_rows=batch_rows).reader
+    def models(self, *, version: int | None = None) -> list[ModelRow]:
+        """The registered models at ``version`` (default latest), oldest first."""
+        rows = self._read(self.dataset(MODELS, self.snapshot(version)), MODELS).to_pylist()
+        return sorted((ModelRow.from_dict(row) for row in rows), key=lambda row: row.created_at)
+
+    def heads(self, *, version: int | None = None) -> list[HeadRow]:
+        """The registered heads at ``version`` (default latest), oldest first."""
+        rows = self._read(self.dataset(HEADS, self.snapshot(version)), HEADS).to_pylist()
+        return sorted((HeadRow.from_dict(row) for row in rows), key=lambda row: row.created_at)
+
+    def query(self, sql: str, *, version: int | None = None, batch_rows: int = 8192, **options) -> QueryResult:
+        """Run one sandboxed, read-only SELECT pinned to ``version``; the result streams."""
+        snapshot = self.snapshot(version)
+        return run_query(sql, datasets=self.datasets(snapshot), version=snapshot.version, batch_rows=batch_rows, **options)
 
     # -- writing -------------------------------------------------------------------
     @contextmanager
     def writer(self) -> Iterator["Writer"]:
-        """Take the write lock; the block's table writes become visible at ``Writer.commit``."""
-        with write_lock(self.root):
-            yield Writer(self)
+        """Take the write lock and settle what a crashed writer left; the block's table writes
+        become visible at ``Writer.commit``."""
+        with self.storage.lock():
+            writer = Writer(self)
+            writer.settle()
+            yield writer
 
 
 def conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
@@ -171,7 +215,12 @@ def conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays(columns, schema=schema)
 
 
-@dataclass
+def _is_failure(error: BaseException) -> bool:
+    """An error of a write to report: any Exception, and the Rust panics deltalake raises on a
+    full disk (pyo3's PanicException derives from BaseException), but not Ctrl-C or exit."""
+    return isinstance(error, Exception) or type(error).__name__ == "PanicException"
+
+
 class Writer:
     """Writes Delta commits under the warehouse's write lock.
 
@@ -179,20 +228,33 @@ class Writer:
     row that pins every table's version. Until then readers of the warehouse do not see them.
     """
 
-    warehouse: Warehouse
-    rows_added: int = 0
+    def __init__(self, warehouse: Warehouse):
+        self.warehouse = warehouse
+        self.rows_added = 0
+        #: Rows of an interrupted writer that :meth:`settle` made visible (0: nothing to settle).
+        self.recovered_rows = 0
+
+    def _delta_write(self, table: str, data, **options) -> None:
+        storage = self.warehouse.storage
+        uri = storage.table_uri(table)
+        try:
+            exists = DeltaTable.is_deltatable(uri, storage_options=storage.storage_options)
+            write_deltalake(
+                uri, data, partition_by=PARTITIONS[table] or None, schema_mode="merge",
+                configuration=None if exists else TABLE_CONFIGURATION, storage_options=storage.storage_options,
+                **options,
+            )
+        except BaseException as error:
+            if not _is_failure(error):
+                raise
+            raise StorageError(
+                f"writing to the {table} table failed ({first_line(error)}); the warehouse stays at its last "
+                "version: check free space and permissions, then run the command again"
+            ) from None
 
     def _write(self, table: str, data: pa.Table) -> None:
-        path = str(self.warehouse.table_path(table))
-        write_deltalake(
-            path,
-            data,
-            mode="append",
-            partition_by=PARTITIONS[table] or None,
-            schema_mode="merge",
-            configuration=None if DeltaTable.is_deltatable(path) else TABLE_CONFIGURATION,
-            writer_properties=VECTOR_FILES if table == EMBEDDINGS else None,
-        )
+        self._delta_write(table, data, mode="append",
+                          writer_properties=VECTOR_FILES if table == EMBEDDINGS else None)
         self.rows_added += data.num_rows
 
     def append_embeddings(self, rows: pa.Table) -> int:
@@ -212,21 +274,15 @@ class Writer:
         """
         if not rows.num_rows:
             return 0
-        path = str(self.warehouse.table_path(DOCUMENTS))
-        if not DeltaTable.is_deltatable(path):
-            self._write(DOCUMENTS, rows)
-            return rows.num_rows
         for corpus in pc.unique(rows.column("corpus")).to_pylist():
-            part = rows.filter(pc.equal(rows.column("corpus"), corpus))
-            self._upsert_corpus(path, corpus, part)
+            self._upsert_corpus(corpus, rows.filter(pc.equal(rows.column("corpus"), corpus)))
         return rows.num_rows
 
-    def _upsert_corpus(self, path: str, corpus: str, rows: pa.Table) -> None:
-        stored = delta_dataset(DeltaTable(path), Path(path))
+    def _upsert_corpus(self, corpus: str, rows: pa.Table) -> None:
+        stored = self.warehouse.current_dataset(DOCUMENTS)
         in_corpus = pc.field("corpus") == corpus
-        stored_ids = stored.to_table(columns=["id"], filter=in_corpus).column("id")
-        replaced = pc.is_in(rows.column("id"), value_set=stored_ids.combine_chunks())
-        if not pc.any(replaced).as_py():
+        stored_ids = stored.to_table(columns=["id"], filter=in_corpus).column("id").combine_chunks()
+        if not pc.any(pc.is_in(rows.column("id"), value_set=stored_ids)).as_py():
             self._write(DOCUMENTS, rows)
             return
         schema = pa.unify_schemas([stored.schema, rows.schema], promote_options="permissive")
@@ -240,26 +296,49 @@ class Writer:
                 yield conform(batch, schema)
 
         escaped = corpus.replace("'", "''")
-        write_deltalake(
-            path,
-            pa.RecordBatchReader.from_batches(schema, batches()),
-            mode="overwrite",
-            predicate=f"corpus = '{escaped}'",
-            partition_by=PARTITIONS[DOCUMENTS],
-            schema_mode="merge",
-        )
+        self._delta_write(DOCUMENTS, pa.RecordBatchReader.from_batches(schema, batches()), mode="overwrite",
+                          predicate=f"corpus = '{escaped}'")
         self.rows_added += rows.num_rows
 
-    def register_model(self, row: dict) -> None:
-        self._write(MODELS, pa.Table.from_pylist([row], schema=SCHEMAS[MODELS]))
+    def register_model(self, row: ModelRow) -> None:
+        self._write(MODELS, row.table())
 
-    def add_head(self, row: dict) -> None:
-        self._write(HEADS, pa.Table.from_pylist([row], schema=SCHEMAS[HEADS]))
+    def add_head(self, row: HeadRow) -> None:
+        self._write(HEADS, row.table())
+
+    def remove_head(self, name: str) -> None:
+        """Delete the ``heads`` row of ``name`` (its artifact stays for older versions until a vacuum)."""
+        delta = self.warehouse._open_delta(HEADS)
+        if delta is None:
+            return
+        escaped = name.replace("'", "''")
+        try:
+            delta.delete(f"head = '{escaped}'")
+        except Exception as error:
+            raise StorageError(f"removing head {name!r} failed ({first_line(error)}); run the command again") from None
+
+    def settle(self) -> int | None:
+        """Adopt table commits that no warehouse version pins yet (a writer killed before its
+        log commit) in a ``recover`` version; returns that version, or None when all was pinned.
+
+        Each table commit is complete on its own (Delta commits are atomic, and ingest writes
+        embeddings before the documents that use them), so adopting them is always consistent.
+        """
+        pinned = self.warehouse.snapshot().table_versions
+        current = self.warehouse.current_versions()
+        ahead = {table: (pinned[table], current[table]) for table in TABLES if current[table] > pinned[table]}
+        if not ahead:
+            return None
+        for table, (old, new) in ahead.items():
+            self.rows_added += _rows_added(self.warehouse._open_delta(table), old, new)
+        self.recovered_rows = self.rows_added
+        detail = {"adopted": {table: {"from": old, "to": new} for table, (old, new) in ahead.items()},
+                  "reason": "commits of an interrupted writer"}
+        return self.commit("recover", detail)
 
     def commit(self, operation: str, detail: dict | None = None) -> int:
         """Append the log row that makes every write so far visible; returns the new version."""
-        root = self.warehouse.root
-        previous = latest_version(root)
+        previous = self.warehouse.latest_version()
         version = 0 if previous is None else previous + 1
         row = {
             "version": version,
@@ -267,16 +346,17 @@ class Writer:
             "operation": operation,
             "rows_added": self.rows_added,
             "detail": json.dumps(detail or {}, sort_keys=True, default=str),
+            "pins": list(self.warehouse.current_versions().items()),
         }
-        for name in TABLES:
-            path = str(self.warehouse.table_path(name))
-            row[f"{name}_version"] = DeltaTable(path).version() if DeltaTable.is_deltatable(path) else -1
-        log_path = str(root / LOG)
-        write_deltalake(
-            log_path,
-            pa.Table.from_pylist([row], schema=LOG_SCHEMA),
-            mode="append",
-            configuration=None if DeltaTable.is_deltatable(log_path) else TABLE_CONFIGURATION,
-        )
+        self._delta_write(LOG, pa.Table.from_pylist([row], schema=LOG_SCHEMA), mode="append")
         self.rows_added = 0
         return version
+
+
+def _rows_added(delta: DeltaTable, old: int, new: int) -> int:
+    """Rows the commits old+1..new of a Delta table added, from its history's metrics."""
+    added = 0
+    for commit in delta.history():
+        if old < commit.get("version", -1) <= new:
+            added += int((commit.get("operationMetrics") or {}).get("num_added_rows") or 0)
+    return added

@@ -5,12 +5,15 @@ Table names are part of the user contract: they are folder names on disk, view n
 """
 from __future__ import annotations
 
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 from deltalake import DeltaTable
+
+if TYPE_CHECKING:
+    from .storage import LocalStorage
 
 DOCUMENTS = "documents"
 EMBEDDINGS = "embeddings"
@@ -93,11 +96,9 @@ LOG_SCHEMA = pa.schema(
         pa.field("operation", pa.string()),
         pa.field("rows_added", pa.int64()),
         pa.field("detail", pa.string()),
-        # The Delta version of each table this warehouse version pins; -1: not created yet.
-        pa.field("documents_version", pa.int64()),
-        pa.field("embeddings_version", pa.int64()),
-        pa.field("models_version", pa.int64()),
-        pa.field("heads_version", pa.int64()),
+        # The Delta version of each table in TABLES that this warehouse version pins; -1: not
+        # created yet. A map, so that a new table is one more key, not one more column.
+        pa.field("pins", pa.map_(pa.string(), pa.int64())),
     ]
 )
 
@@ -125,19 +126,20 @@ def vector_column(matrix: np.ndarray) -> pa.ListArray:
     return pa.ListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(matrix, dtype=np.float32).reshape(-1)))
 
 
-def delta_dataset(table: DeltaTable, root: Path) -> pads.Dataset:
-    """A pyarrow dataset over the live Parquet files of one Delta version.
+def delta_dataset(table: DeltaTable, storage: "LocalStorage", name: str) -> pads.Dataset:
+    """A pyarrow dataset over the live Parquet files of one Delta version of table ``name``.
 
-    The files come from the Delta log; they are read with pyarrow's own local filesystem
+    The files come from the Delta log; they are read with the storage's own pyarrow filesystem
     (deltalake's dataset wraps a Python filesystem whose scanner threads can outlive the
     interpreter and abort it at exit). Columns a file lacks (added by later writes) read as null.
     """
     schema = pa.schema(table.schema().to_arrow())
-    files = table.file_uris()
+    files = [storage.fs_path(uri) for uri in table.file_uris()]
     if not files:
         return pads.dataset(schema.empty_table())
     partitions = table.metadata().partition_columns
     partitioning = (
         pads.partitioning(pa.schema([schema.field(name) for name in partitions]), flavor="hive") if partitions else None
     )
-    return pads.dataset(files, schema=schema, format="parquet", partitioning=partitioning, partition_base_dir=str(root))
+    return pads.dataset(files, schema=schema, format="parquet", partitioning=partitioning, filesystem=storage.fs,
+                        partition_base_dir=storage.fs_path(storage.table_uri(name)))

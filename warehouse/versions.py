@@ -1,22 +1,25 @@
 """Warehouse versions: one row in the ``log`` Delta table per commit.
 
-A warehouse version pins one Delta version of every table, so a reader of version N sees
-the documents, embeddings, models and heads exactly as that commit left them, even while
-another process writes. Writes to the tables that no log row points at yet (a writer killed
-mid-commit) are invisible to every pinned reader.
+A warehouse version pins one Delta version of every table (the ``pins`` map, table name ->
+Delta version), so a reader of version N sees the documents, embeddings, models and heads
+exactly as that commit left them, even while another process writes. Writes to the tables
+that no log row points at yet (a writer killed mid-commit) are invisible to every pinned
+reader until the next writer settles them (:meth:`warehouse.store.Writer.settle`).
+
+Rows written before ``pins`` existed carry one ``<table>_version`` column per table; they
+read the same.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.compute as pc
-from deltalake import DeltaTable
 
 from .errors import VersionNotFoundError
-from .tables import LOG, TABLES, delta_dataset
+from .tables import TABLES
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,7 @@ class LogEntry:
     operation: str
     rows_added: int
     detail: dict
+    pins: dict[str, int]  # the Delta version of each table this version pins; -1: not created yet
 
     def to_dict(self) -> dict:
         return {
@@ -47,20 +51,22 @@ class LogEntry:
             "operation": self.operation,
             "rows_added": self.rows_added,
             "detail": self.detail,
+            "pins": self.pins,
         }
 
 
-def _log_table(root: Path) -> DeltaTable | None:
-    path = root / LOG
-    return DeltaTable(str(path)) if DeltaTable.is_deltatable(str(path)) else None
+def pins_of(row: dict) -> dict[str, int]:
+    """Table -> Delta version of a log row, from ``pins`` or, in rows older than it, the per-table columns."""
+    pinned = dict(row.get("pins") or [])
+    for name in TABLES:
+        if name not in pinned:
+            legacy = row.get(f"{name}_version")
+            pinned[name] = -1 if legacy is None else int(legacy)
+    return {name: int(pinned[name]) for name in TABLES}
 
 
-def read_log(root: Path) -> list[LogEntry]:
-    """Every warehouse version, oldest first."""
-    table = _log_table(root)
-    if table is None:
-        return []
-    rows = delta_dataset(table, root / LOG).to_table().sort_by("version").to_pylist()
+def entries(log: pa.Table) -> list[LogEntry]:
+    """Every row of the log table, oldest first."""
     return [
         LogEntry(
             version=row["version"],
@@ -68,37 +74,21 @@ def read_log(root: Path) -> list[LogEntry]:
             operation=row["operation"],
             rows_added=row["rows_added"],
             detail=json.loads(row["detail"] or "{}"),
+            pins=pins_of(row),
         )
-        for row in rows
+        for row in log.sort_by("version").to_pylist()
     ]
 
 
-def latest_version(root: Path) -> int | None:
-    table = _log_table(root)
-    if table is None:
-        return None
-    versions = delta_dataset(table, root / LOG).to_table(columns=["version"]).column("version")
-    return None if len(versions) == 0 else int(pc.max(versions).as_py())
-
-
-def resolve_snapshot(root: Path, version: int | None = None) -> Snapshot:
-    """The snapshot of ``version`` (default: the latest). Raises VersionNotFoundError for unknown versions."""
-    table = _log_table(root)
-    if table is None:
+def snapshot_of(log: pa.Table, version: int | None = None) -> Snapshot:
+    """The snapshot of ``version`` (default: the latest) in the log table; VersionNotFoundError if absent."""
+    if log.num_rows == 0:
         if version is None:
             return Snapshot.empty()
         raise VersionNotFoundError(version, None)
-    log = delta_dataset(table, root / LOG).to_table()
     latest = int(pc.max(log.column("version")).as_py())
     wanted = latest if version is None else version
-    if wanted < 0 or wanted > latest:
+    rows = log.filter(pc.equal(log.column("version"), wanted)).to_pylist() if 0 <= wanted <= latest else []
+    if not rows:
         raise VersionNotFoundError(wanted, latest)
-    row = log.filter(pc.equal(log.column("version"), wanted)).to_pylist()
-    if not row:
-        raise VersionNotFoundError(wanted, latest)
-    entry = row[0]
-    return Snapshot(
-        version=wanted,
-        committed_at=entry["committed_at"],
-        table_versions={name: int(entry[f"{name}_version"]) for name in TABLES},
-    )
+    return Snapshot(version=wanted, committed_at=rows[0]["committed_at"], table_versions=pins_of(rows[0]))

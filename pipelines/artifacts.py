@@ -1,0 +1,105 @@
+"""The exported model artifact: a directory of ``model.onnx``, ``tokenizer.json`` and ``model.json``.
+
+``model.json`` is the :class:`ModelCard`: everything needed to run the graph again (inputs,
+pooling, max_length, widths) and everything that produced it (source, fingerprint, library
+versions, how far the ONNX output is from torch's). It is read, validated and written here only.
+
+>>> card = ModelCard.load(Path("ew-warehouse/artifacts/models/all-minilm-l6-v2-3f1c0b9e2d4a"))  # doctest: +SKIP
+>>> card.key, card.dim, card.num_layers                                                        # doctest: +SKIP
+('all-minilm-l6-v2-3f1c0b9e2d4a', 384, 6)
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from datetime import datetime
+from pathlib import Path
+
+from warehouse.catalog import ModelRow
+
+from .errors import ArtifactError
+
+MODEL_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+CARD_FILE = "model.json"
+OUTPUT_NAME = "pooled"
+INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")  # the graph takes a subset, in this order
+_POSITIVE = ("max_length", "dim", "num_layers")
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    key: str                         # model_key(name, fingerprint): the `model` column of embeddings
+    pooling: str                     # "mean" | "cls"
+    max_length: int                  # tokens; longer texts are truncated
+    dim: int                         # D, the hidden size
+    num_layers: int                  # L; the graph returns layers 0..L
+    input_names: tuple[str, ...]     # the graph's inputs, a subset of INPUT_NAMES in that order
+    name: str = ""                   # HF id or directory name
+    source: str = ""                 # where the weights came from, for humans
+    fingerprint: str = ""            # SHA-256 over everything that changes the vectors
+    export_format: int = 1
+    precision: str = "fp32"
+    output_name: str = OUTPUT_NAME
+    pad_token_id: int = 0
+    max_abs_diff: float | None = None  # largest |onnxruntime - torch| over every layer of the sample batch
+    tolerance: float | None = None
+    fused: bool = False              # onnxruntime's transformer fusions are in the stored graph
+    export_seconds: float = 0.0
+    versions: dict = field(default_factory=dict)  # torch, transformers, onnx, onnxruntime that exported it
+    created_at: str = ""
+
+    @classmethod
+    def load(cls, directory: Path) -> "ModelCard":
+        """Read and validate ``directory/model.json``; ArtifactError says what is wrong."""
+        path = Path(directory) / CARD_FILE
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise ArtifactError(directory, f"{CARD_FILE} cannot be read as JSON ({error})") from None
+        if not isinstance(data, dict):
+            raise ArtifactError(directory, f"{CARD_FILE} is not a JSON object")
+        return cls.from_dict(data, where=directory)
+
+    @classmethod
+    def from_dict(cls, data: dict, *, where: Path | str = "model card") -> "ModelCard":
+        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+        missing = [name for name in required if name not in data]
+        if missing:
+            raise ArtifactError(where, f"{CARD_FILE} lacks {', '.join(missing)}")
+        wrong = [name for name in _POSITIVE if not isinstance(data[name], int) or isinstance(data[name], bool) or data[name] < 1]
+        if wrong or not isinstance(data["input_names"], list) or not isinstance(data["key"], str):
+            raise ArtifactError(where, f"{CARD_FILE} has invalid {', '.join(wrong) or 'input_names or key'}")
+        known = {f.name for f in fields(cls)}
+        values = {name: value for name, value in data.items() if name in known}
+        values["input_names"] = tuple(values["input_names"])
+        values["pad_token_id"] = int(values.get("pad_token_id") or 0)
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["input_names"] = list(self.input_names)
+        return data
+
+    def save(self, directory: Path) -> Path:
+        """Write ``directory/model.json`` whole (a temp file renamed into place)."""
+        directory = Path(directory)
+        handle, temporary = tempfile.mkstemp(prefix=f".{CARD_FILE}.", dir=directory)
+        try:
+            with os.fdopen(handle, "w", encoding="utf-8") as out:
+                out.write(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
+            os.replace(temporary, directory / CARD_FILE)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+        return directory / CARD_FILE
+
+    def row(self, *, artifact: str, created_at: datetime) -> ModelRow:
+        """The ``models`` catalog row of this model, stored at ``artifact`` (relative to the warehouse)."""
+        return ModelRow(
+            model=self.key, name=self.name, source=self.source, fingerprint=self.fingerprint, dim=self.dim,
+            num_layers=self.num_layers, max_length=self.max_length, pooling=self.pooling, precision=self.precision,
+            max_abs_diff=self.max_abs_diff, artifact=artifact, created_at=created_at,
+        )

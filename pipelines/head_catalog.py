@@ -1,0 +1,112 @@
+"""The heads a warehouse holds: list them, check a name, open one, register and remove one.
+
+A head's files live in a directory of their own, ``artifacts/heads/NAME.XXXXXXXX``, that only
+the run which trained it creates and, if the run fails, removes; the name is claimed in the
+``heads`` table under the write lock, at the commit that registers the head. Two runs that
+pick the same name never touch each other's files: the second one to commit is told the
+name is taken and removes only its own directory.
+
+    >>> head = open_head(wh, "section-20261122-101500-3f2a")   # doctest: +SKIP
+    >>> head.card.model, head.card.layer                        # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import re
+import secrets
+import shutil
+from pathlib import Path
+
+from warehouse import Warehouse
+from warehouse.catalog import HeadRow
+from warehouse.store import now_utc
+from warehouse.tables import HEADS
+
+from .errors import HeadError
+from .heads import HeadCard, LoadedHead, load_head, save_head
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def check_head_name(name: str) -> str:
+    if not NAME.match(name):
+        raise HeadError(f"head name {name!r} must be 1-100 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    return name
+
+
+def default_head_name(label: str) -> str:
+    """``LABEL-YYYYmmdd-HHMMSS-xxxx``: unique even for runs started in the same second."""
+    stem = _UNSAFE.sub("-", label).strip("-._")[:60] or "head"
+    return f"{stem}-{now_utc():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+
+
+def list_heads(warehouse: Warehouse, *, version: int | None = None) -> list[HeadRow]:
+    """The registered heads at ``version`` (default latest), oldest first."""
+    return warehouse.heads(version=version)
+
+
+def find_head(warehouse: Warehouse, name: str, *, version: int | None = None) -> HeadRow:
+    check_head_name(name)
+    registered = {row.head: row for row in list_heads(warehouse, version=version)}
+    if name not in registered:
+        raise HeadError(
+            f"no head named {name!r} (heads: {', '.join(registered) or 'none yet: run `ew fit-head`'}); see `ew heads`"
+        )
+    return registered[name]
+
+
+def check_name_free(warehouse: Warehouse, name: str) -> None:
+    """Fail early, before training, when ``name`` is taken (the commit checks again, under the lock)."""
+    if any(row.head == name for row in list_heads(warehouse)):
+        raise HeadError(f"a head named {name!r} already exists; pick another --name (or `ew heads rm {name}`)")
+
+
+def open_head(warehouse: Warehouse, name: str) -> LoadedHead:
+    """Load a registered head; its card must describe the same head as its catalog row."""
+    row = find_head(warehouse, name)
+    head = load_head(warehouse.root / row.artifact)
+    card = head.card
+    if (card.name, card.model, card.layer, card.pooling) != (row.head, row.model, row.layer, row.pooling):
+        raise HeadError(
+            f"head {name!r}: its card ({row.artifact}) says {card.name}/{card.model}/layer {card.layer}, the heads "
+            f"table says {row.head}/{row.model}/layer {row.layer}; the files were changed: train the head again"
+        )
+    return head
+
+
+def store_head(warehouse: Warehouse, module, card: HeadCard) -> tuple[HeadCard, Path]:
+    """Save the head's files in a directory of their own and register it in one commit; returns (card, directory).
+
+    A head is stored whole or not at all, and a name taken meanwhile by another run is an
+    error that leaves the other head alone.
+    """
+    # A directory no other run can pick: save_head refuses an existing one, so this run owns it.
+    directory = warehouse.heads_dir() / f"{card.name}.{secrets.token_hex(4)}"
+    card = save_head(directory, module, card)
+    row_written = False
+    try:
+        with warehouse.writer() as writer:
+            taken = writer.warehouse.current_dataset(HEADS).to_table(columns=["head"]).column("head").to_pylist()
+            if card.name in taken:
+                raise HeadError(f"a head named {card.name!r} was registered meanwhile by another run; pick another --name")
+            writer.add_head(card.row(artifact=str(directory.relative_to(warehouse.root)), created_at=now_utc()))
+            # From here the row exists in the heads table (the next writer adopts it if the log
+            # commit below never happens): its files must stay, whatever interrupts us.
+            row_written = True
+            writer.commit("fit-head", {"head": card.name, "label": card.label, "model": card.model, "layer": card.layer})
+    except BaseException:
+        if not row_written:
+            shutil.rmtree(directory, ignore_errors=True)  # only this run's own directory
+        raise
+    return card, directory
+
+
+def remove_head(warehouse: Warehouse, name: str) -> int:
+    """Remove ``name`` from the catalog in one commit; returns the new version.
+
+    Its files stay, so readers of older versions can still open it.
+    """
+    with warehouse.writer() as writer:
+        find_head(warehouse, name)
+        writer.remove_head(name)
+        return writer.commit("remove-head", {"head": name})

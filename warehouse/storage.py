@@ -1,0 +1,52 @@
+"""Where a warehouse lives: a file system, the locations of its tables, and its write lock.
+
+Every path of a warehouse goes through its :class:`LocalStorage`: the Delta tables (opened by
+``table_uri`` with ``storage_options``), the Parquet files pyarrow reads (through ``fs``), and
+the one-writer lock. A warehouse on an object store is a second implementation of this
+interface (an S3 ``fs``, ``s3://`` URIs, delta-rs' storage options and an object-store lock);
+nothing above this module needs to know which one it has.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from .lock import write_lock
+
+
+class LocalStorage:
+    """A warehouse in a directory of the local file system."""
+
+    def __init__(self, root: Path | str):
+        self.root = Path(root).resolve()
+        self.fs: pafs.FileSystem = pafs.LocalFileSystem()
+        #: Options deltalake needs to reach the tables (credentials, endpoints); none for local disk.
+        self.storage_options: dict[str, str] | None = None
+
+    @property
+    def uri(self) -> str:
+        return str(self.root)
+
+    def table_uri(self, table: str) -> str:
+        """What deltalake opens for ``table``."""
+        return str(self.root / table)
+
+    def fs_path(self, uri: str) -> str:
+        """A URI deltalake lists (``file:///...`` or a plain path) as a path of :attr:`fs`."""
+        return uri[len("file://"):] if uri.startswith("file://") else uri
+
+    def lock(self) -> AbstractContextManager[None]:
+        """The warehouse's write lock: one writer at a time, released when the process dies."""
+        return write_lock(self.root)
+
+    def iter_files(self, relative: str) -> Iterator[tuple[str, int]]:
+        """(path relative to the root, size in bytes) of every file below ``relative``."""
+        base = self.root / relative
+        if not base.is_dir():
+            return
+        for path in sorted(base.rglob("*")):
+            if path.is_file():
+                yield str(path.relative_to(self.root)), path.stat().st_size
