@@ -108,3 +108,39 @@ def test_a_pinned_query_is_stable_while_another_process_commits(wh):
     rest = sum(batch.num_rows for batch in reader)
     assert first.num_rows + rest == 40
     assert wh.query("select count(*) as n from documents").read_all().column("n").to_pylist() == [90]
+
+
+def test_the_next_writer_adopts_commits_that_no_version_pins(wh):
+    with wh.writer() as w:
+        w.upsert_documents(docs("1"))
+        w.commit("ingest")
+    with wh.writer() as w:
+        w.upsert_documents(docs("2", "3"))  # killed before its log row: hidden from readers
+    assert wh.query("select count(*) as n from documents").read_all().column("n").to_pylist() == [1]
+    with wh.writer() as w:
+        assert w.recovered_rows == 2
+    recover = wh.log()[-1]
+    assert (recover.operation, recover.rows_added) == ("recover", 2)
+    assert recover.detail["adopted"] == {"documents": {"from": 0, "to": 1}}
+    assert wh.query("select count(*) as n from documents").read_all().column("n").to_pylist() == [3]
+    with wh.writer() as w:
+        assert w.recovered_rows == 0  # settled once: nothing more to adopt
+    assert len(wh.log()) == 2
+
+
+def test_log_rows_pin_every_table_by_name(wh):
+    with wh.writer() as w:
+        w.upsert_documents(docs("1"))
+        w.commit("ingest")
+    [entry] = wh.log()
+    assert entry.pins == {"documents": 0, "embeddings": -1, "models": -1, "heads": -1}
+    assert wh.snapshot(0).table_versions == entry.pins
+
+
+def test_a_warehouse_it_cannot_write_refuses_writes_with_one_clear_error(wh):
+    # As root every chmod is ignored: a lock path that cannot be opened for writing stands in
+    # for a read-only warehouse (both fail in the same open()).
+    (wh.root / ".ew-write.lock").mkdir()
+    with pytest.raises(EwError, match=r"cannot write to the warehouse .* check its permissions"):
+        with wh.writer():
+            pass
