@@ -216,7 +216,7 @@ def write_result(reader: pa.RecordBatchReader, *, fmt: str, output: Path | None,
     """
     if fmt == "parquet" and output is None:
         raise EwError("--format parquet needs --output FILE")
-    reader = holdable(reader, fmt=fmt)
+    reader = _for_format(reader, fmt=fmt)
     if output is None:
         escape = fmt == "csv" and _is_terminal(stdout)
         return _write_csv(reader, stdout, escape=escape) if fmt == "csv" else _WRITERS[fmt](reader, stdout)
@@ -232,7 +232,7 @@ def _is_terminal(stream: IO) -> bool:
 # -- types a format cannot hold ----------------------------------------------------------------
 
 
-def holdable(reader: pa.RecordBatchReader, *, fmt: str) -> pa.RecordBatchReader:
+def _for_format(reader: pa.RecordBatchReader, *, fmt: str) -> pa.RecordBatchReader:
     """``reader`` with every value ``fmt`` cannot hold rewritten by DuckDB, mostly to its text.
 
     ``interval 3 day`` -> "3 days", ``'infinity'::date`` -> "infinity", a BLOB -> "\\x05\\xFD", a
@@ -280,7 +280,7 @@ def _target(kind: pa.DataType, fmt: str) -> str | None:
         if pa.types.is_union(kind):
             return "VARCHAR"
         if pa.types.is_timestamp(kind) and kind.unit == "s":
-            # Parquet has no seconds: pyarrow multiplies, and 'infinity' overflows. DuckDB widens it whole.
+            # Parquet has no seconds: pyarrow's cast to milliseconds overflows on 'infinity', DuckDB's keeps it.
             return "TIMESTAMPTZ" if kind.tz else "TIMESTAMP"
         return None
     # Python's datetime stops at year 9999 and knows no infinity; CSV, JSON and a table have no bytes.
@@ -290,7 +290,10 @@ def _target(kind: pa.DataType, fmt: str) -> str | None:
 
 
 def _is_binary(kind: pa.DataType) -> bool:
-    return pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_fixed_size_binary(kind) or pa.types.is_binary_view(kind)
+    return (
+        pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_fixed_size_binary(kind)
+        or pa.types.is_binary_view(kind)
+    )
 
 
 def _is_list(kind: pa.DataType) -> bool:
@@ -338,12 +341,15 @@ def _identifier(name: str) -> str:
 
 # -- control characters ------------------------------------------------------------------------
 
-# C0, DEL, C1 and the bidirectional overrides: printed raw, they move the cursor, recolour or
-# clear a terminal, or reorder what it shows.
-_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+# C0, DEL, C1 and the bidirectional marks and overrides: printed raw, they move the cursor,
+# recolour or clear a terminal, or reorder what it shows.
+_CONTROL_CODES = (
+    *range(0x00, 0x20), *range(0x7F, 0xA0), 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A)
+)
+_CONTROLS = re.compile("[" + "".join(re.escape(chr(code)) for code in _CONTROL_CODES) + "]")
 _NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
-# json.dumps escapes C0 but leaves DEL and C1; \\u escapes are the same JSON value, and safe to print.
-_JSON_ESCAPES = {code: f"\\u{code:04x}" for code in range(0x7F, 0xA0)}
+# json.dumps escapes C0 only; a \\u escape is the same JSON value, and safe to print.
+_JSON_ESCAPES = {code: f"\\u{code:04x}" for code in _CONTROL_CODES if code >= 0x20}
 
 
 def escape_controls(text: str) -> str:
@@ -396,7 +402,7 @@ def _escaped(column: pa.Array) -> pa.Array:
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
         return column
     texts = [None if text is None else escape_controls(text) for text in column.to_pylist()]
-    return pa.array(texts, column.type if column.type == kind else kind).cast(column.type)
+    return pa.array(texts, kind).cast(column.type)  # a dictionary (an ENUM) is encoded again
 
 
 def _flat_schema(schema: pa.Schema) -> pa.Schema:
