@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from warehouse import EwError, Warehouse
-from warehouse.formats import FORMATS, format_for, write_result
+from warehouse.formats import FORMATS, format_for, write_result, written_in_place
 from warehouse.store import DEFAULT_PATH, ENV_VAR
 
 M_ARENA_MAX = -8  # glibc's mallopt parameter number
@@ -104,7 +104,7 @@ def ingest(ctx: click.Context, corpus_file: Path, as_json: bool, **options) -> N
 @click.argument("sql")
 @click.option("--version", "version", type=click.IntRange(min=0), help="Read this warehouse version (see `ew log`).")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), help="Output format (default: table, or from --output's extension).")
-@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), help="Write to this file instead of stdout.")
+@click.option("--output", "-o", type=click.Path(path_type=Path), help="Write to this file instead of stdout.")
 @click.pass_context
 def query(ctx: click.Context, sql: str, version: int | None, fmt: str | None, output: Path | None) -> None:
     """Run one read-only SQL SELECT (DuckDB) over the tables documents, embeddings, models, heads.
@@ -115,7 +115,8 @@ def query(ctx: click.Context, sql: str, version: int | None, fmt: str | None, ou
     result = _warehouse(ctx).query(sql, version=version)
     rows = write_result(result.reader, fmt=chosen, output=output, stdout=sys.stdout)
     if output is not None:
-        click.echo(f"wrote {rows:,} rows to {output} (warehouse version {result.version})", err=True)
+        where = f"{output}, in place (not a regular file)" if written_in_place(output) else str(output)
+        click.echo(f"wrote {rows:,} rows to {where} (warehouse version {result.version})", err=True)
 
 
 @cli.command()
