@@ -254,7 +254,8 @@ def heads(ctx: click.Context, version: int | None, as_json: bool) -> None:
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path), help="A .parquet or .csv file.")
 @click.option("--text-field", default="text", show_default=True)
 @click.option("--id-field", default="id", show_default=True)
-@click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True)
+@click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True, help="On a bad line: stop, or skip it and write it to a rejects file.")
+@click.option("--rejects", "rejects_file", type=click.Path(dir_okay=False, path_type=Path), help="Where --on-error skip writes bad lines (default: OUTPUT.rejects.jsonl).")
 @click.option("--threads", type=click.IntRange(min=1), help="Inference threads (default: all usable cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 @click.pass_context
@@ -274,7 +275,7 @@ def predict(ctx: click.Context, head: str, corpus_file: Path | None, as_json: bo
         f"(vectors reused {result.reused:,}, embedded {result.embedded:,}; warehouse version {result.version})"
     )
     if result.rejected:
-        click.echo(f"skipped {result.rejected:,} bad lines of {corpus_file}")
+        click.echo(f"skipped {result.rejected:,} bad lines of {corpus_file}, written to {result.rejects_file}")
 
 
 def main() -> None:

@@ -24,20 +24,20 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from warehouse import Warehouse, Writer
-from warehouse.errors import EwError, InputError
+from warehouse.errors import EwError
 from warehouse.keys import doc_hash, record_hash
 from warehouse.splits import DocumentFilter, missing_vectors
 from warehouse.store import now_utc
 from warehouse.tables import DOCUMENTS, EMBEDDINGS, TIMESTAMP, vector_column
 
-from .corpus import FieldTypes, Record, Rejected, corpus_name, count_lines, read_corpus
+from .corpus import FieldTypes, Record, check_corpus_name, corpus_name, count_lines, read_corpus
 from .progress import Progress
 from .registry import model_row, prepare_model
+from .rejects import Rejects, check_on_error
 
 if TYPE_CHECKING:
     from .encoder import Encoder
 
-ON_ERROR = ("fail", "skip")
 DEFAULT_CHUNK = 4096
 # Texts go to the encoder in groups of this many, sorted by length, so padding stays small
 # and progress moves often.
@@ -220,16 +220,16 @@ def ingest(
 ) -> IngestResult:
     """Ingest the JSONL corpus at ``path`` with ``model``; see the module docstring."""
     started = time.perf_counter()
-    if on_error not in ON_ERROR:
-        raise EwError(f"--on-error must be one of {', '.join(ON_ERROR)}, not {on_error!r}")
+    check_on_error(on_error)
     if batch_size < 1 or chunk_size < 1:
         raise EwError("--batch-size and the chunk size must be at least 1")
     path = Path(path)
     if not path.is_file():
         raise EwError(f"corpus file {path} does not exist or is not a file")
-    corpus = corpus or corpus_name(path)
+    corpus = check_corpus_name(corpus) if corpus is not None else corpus_name(path)
     if not isinstance(warehouse, Warehouse):
         warehouse = Warehouse.open(warehouse, create=True)
+    rejects = Rejects(path, rejects_file or _default_rejects_file(warehouse, corpus), on_error=on_error)
 
     with warehouse.writer() as writer:
         prepared = prepare_model(writer, model, pooling=pooling, max_length=max_length)
@@ -250,11 +250,10 @@ def ingest(
             show.total = count_lines(path)
         field_types = FieldTypes(run.documents.schema)
         records = read_corpus(path, text_field=text_field, id_field=id_field, field_types=field_types)
-        rejects = _Rejects(path, rejects_file or _default_rejects_file(warehouse, corpus), on_error=on_error)
         try:
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ew-commit") as committer:
                 pending: Future | None = None
-                for chunk in _chunks(rejects.filter(records, show), chunk_size):
+                for chunk in _chunks(rejects.filter(records, show.advance), chunk_size):
                     work = run.prepare_chunk(chunk, field_types, show)
                     if pending is not None:
                         pending.result()
@@ -291,35 +290,6 @@ def ingest(
 def _default_rejects_file(warehouse: Warehouse, corpus: str) -> Path:
     stamp = now_utc().strftime("%Y%m%dT%H%M%SZ")
     return warehouse.root / "rejects" / f"{corpus}-{stamp}.jsonl"
-
-
-class _Rejects:
-    """Applies --on-error: raise on the first bad line, or count it and write it to a JSONL file."""
-
-    def __init__(self, source: Path, path: Path, *, on_error: str):
-        self.source = source
-        self.path = path
-        self.on_error = on_error
-        self.count = 0
-        self._handle = None
-
-    def filter(self, items: Iterable[Record | Rejected], show: Progress) -> Iterator[Record]:
-        for item in items:
-            if isinstance(item, Record):
-                yield item
-                continue
-            if self.on_error == "fail":
-                raise InputError(self.source, item.line, item.reason)
-            self.count += 1
-            show.advance(1)
-            if self._handle is None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._handle = open(self.path, "a", encoding="utf-8")
-            self._handle.write(json.dumps(item.to_dict(self.source), ensure_ascii=False) + "\n")
-
-    def close(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from warehouse import Warehouse
-from warehouse.errors import EwError, HeadError, InputError, QueryError, first_line
+from warehouse.errors import EwError, HeadError, QueryError, first_line
 from warehouse.formats import atomic_output
 from warehouse.keys import doc_hash
 from warehouse.query import connect
@@ -33,6 +33,7 @@ from .corpus import Record, read_corpus
 from .fitting import check_head_name, list_heads
 from .heads import LoadedHead, load_head
 from .ingest import embed_missing, ensure_vectors
+from .rejects import Rejects
 
 CHUNK = 4096
 
@@ -45,6 +46,7 @@ class PredictResult:
     embedded: int   # distinct texts embedded by this run
     reused: int     # distinct texts whose vectors were stored already
     rejected: int   # corpus lines skipped with --on-error skip
+    rejects_file: str | None  # where they were written
     seconds: float
     version: int    # the warehouse version the vectors were read from
 
@@ -73,6 +75,7 @@ def predict(
     text_field: str = "text",
     id_field: str = "id",
     on_error: str = "fail",
+    rejects_file: Path | None = None,
     threads: int | None = None,
 ) -> PredictResult:
     """Write id, doc_hash, the predicted label, its probability and every class's probability to ``output``."""
@@ -91,7 +94,8 @@ def predict(
     model, layer, pooling = loaded.card["model"], loaded.card["layer"], loaded.card["pooling"]
 
     if corpus_file is not None:
-        lines = _Lines(corpus_file, text_field=text_field, id_field=id_field, on_error=on_error)
+        rejects = Rejects(corpus_file, rejects_file or output.with_name(output.name + ".rejects.jsonl"), on_error=on_error)
+        lines = _Lines(corpus_file, text_field=text_field, id_field=id_field, rejects=rejects)
         with warehouse.writer() as writer:
             embedded, _ = embed_missing(writer, lines.texts(), model_key=model, layers=[layer], pooling=pooling,
                                         threads=threads, operation="embed-for-predict")
@@ -99,7 +103,8 @@ def predict(
         vectors = warehouse.dataset(EMBEDDINGS, snapshot)
         rows = _write_predictions(lines.scored(vectors, model=model, layer=layer, pooling=pooling), loaded, output)
         return PredictResult(head=head, output=str(output), rows=rows, embedded=embedded,
-                             reused=len(lines.distinct) - embedded, rejected=lines.rejected,
+                             reused=len(lines.distinct) - embedded, rejected=rejects.count,
+                             rejects_file=str(rejects.path) if rejects.count else None,
                              seconds=round(time.perf_counter() - started, 3), version=snapshot.version)
 
     documents = DocumentFilter(where=where)
@@ -127,25 +132,22 @@ def predict(
     finally:
         con.close()
     return PredictResult(head=head, output=str(output), rows=rows, embedded=embedded, reused=distinct - embedded,
-                         rejected=0, seconds=round(time.perf_counter() - started, 3), version=snapshot.version)
+                         rejected=0, rejects_file=None, seconds=round(time.perf_counter() - started, 3), version=snapshot.version)
 
 
 class _Lines:
     """The records of a corpus file, read twice: once to embed what is missing, once to score."""
 
-    def __init__(self, path: Path, *, text_field: str, id_field: str, on_error: str):
-        self.path, self.text_field, self.id_field, self.on_error = path, text_field, id_field, on_error
-        self.rejected = 0
+    def __init__(self, path: Path, *, text_field: str, id_field: str, rejects: Rejects):
+        self.path, self.text_field, self.id_field, self.rejects = path, text_field, id_field, rejects
         self.distinct: set[str] = set()
 
-    def _chunks(self, *, count: bool) -> Iterator[tuple[list[Record], list[str]]]:
+    def _chunks(self, *, first: bool) -> Iterator[tuple[list[Record], list[str]]]:
         chunk: list[Record] = []
-        for item in read_corpus(self.path, text_field=self.text_field, id_field=self.id_field):
-            if not isinstance(item, Record):
-                if self.on_error == "fail":
-                    raise InputError(self.path, item.line, item.reason)
-                self.rejected += count
-                continue
+        items = read_corpus(self.path, text_field=self.text_field, id_field=self.id_field)
+        # The first pass applies --on-error; the second meets the same lines and skips them quietly.
+        records = self.rejects.filter(items) if first else (item for item in items if isinstance(item, Record))
+        for item in records:
             chunk.append(item)
             if len(chunk) == CHUNK:
                 yield chunk, [doc_hash(r.text) for r in chunk]
@@ -155,14 +157,17 @@ class _Lines:
 
     def texts(self) -> Iterator[pa.RecordBatch]:
         """(doc_hash, text) batches for embedding."""
-        for records, keys in self._chunks(count=True):
-            self.distinct.update(keys)
-            yield pa.record_batch({"doc_hash": keys, "text": [r.text for r in records]})
+        try:
+            for records, keys in self._chunks(first=True):
+                self.distinct.update(keys)
+                yield pa.record_batch({"doc_hash": keys, "text": [r.text for r in records]})
+        finally:
+            self.rejects.close()
 
     def scored(self, vectors, *, model: str, layer: int, pooling: str) -> Iterator[pa.RecordBatch]:
         """(id, doc_hash, embedding) batches in file order, vectors read from ``vectors``."""
         partition = (pc.field("model") == model) & (pc.field("layer") == layer) & (pc.field("pooling") == pooling)
-        for records, keys in self._chunks(count=False):
+        for records, keys in self._chunks(first=False):
             found = vectors.to_table(columns=["doc_hash", "embedding"],
                                      filter=partition & pc.field("doc_hash").isin(sorted(set(keys))))
             index = {key: i for i, key in enumerate(found.column("doc_hash").to_pylist())}
