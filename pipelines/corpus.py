@@ -93,8 +93,8 @@ def _shown(name: str, width: int = 60) -> str:
 def open_lines(path: Path, *, max_line_bytes: int | None = None) -> Iterator[tuple[bytes, int]]:
     """(raw line, its size in bytes) for each line of a file, gunzipped when it starts with the gzip magic.
 
-    A line over ``max_line_bytes`` is never held whole: it comes as its first
-    ``REJECTED_PREFIX_BYTES`` with its full size, the rest is read past in blocks.
+    A line over ``max_line_bytes`` is never held whole: it comes as its first bytes (at most
+    ``REJECTED_PREFIX_BYTES``) with its full size, the rest is read past in blocks.
     """
     limit = max_line_bytes or MAX_LINE_BYTES
     if not path.is_file():
@@ -108,7 +108,7 @@ def open_lines(path: Path, *, max_line_bytes: int | None = None) -> Iterator[tup
                 if line.endswith(b"\n") or len(line) <= limit:
                     yield line, len(line) - line.endswith(b"\n")
                     continue
-                size, prefix = len(line), line[:REJECTED_PREFIX_BYTES]
+                size, prefix = len(line), line[: min(limit, REJECTED_PREFIX_BYTES)]
                 del line
                 while (rest := handle.readline(_SKIP_BLOCK)) and not rest.endswith(b"\n"):
                     size += len(rest)
@@ -149,15 +149,14 @@ def _check_value(name: str, value: object) -> None:
     if not isinstance(value, (int, list, dict)) or isinstance(value, bool):
         return
     for item, depth in _nodes(value):
-        if depth > MAX_NESTING:
+        if isinstance(item, (list, dict)) and depth >= MAX_NESTING:  # inside MAX_NESTING others already
             raise ValueError(
                 f"field {_shown(name)} is nested more than {MAX_NESTING} levels deep; flatten it, or store it as a string"
             )
         if isinstance(item, int) and not isinstance(item, bool) and not INT64[0] <= item <= INT64[1]:
-            raise ValueError(
-                f"field {_shown(name)} holds the integer {str(item)[:20]}... ({len(str(abs(item)))} digits), which exceeds "
-                "64 bits; quote it as a string"
-            )
+            digits = str(item)
+            shown = digits if len(digits) <= 24 else f"{digits[:20]}... ({len(digits)} digits)"
+            raise ValueError(f"field {_shown(name)} holds the integer {shown}, which exceeds 64 bits; quote it as a string")
 
 
 class FieldTypes:
@@ -190,7 +189,7 @@ class FieldTypes:
                 return json.dumps(value, ensure_ascii=False, sort_keys=True, allow_nan=False)
             except ValueError:  # the stored text must stay valid JSON, which has no NaN/Infinity
                 raise ValueError(
-                    f"field {_shown(name)} holds NaN or Infinity inside a list or object, which JSON text cannot hold; "
+                    f"field {_shown(name)} holds NaN or Infinity, which its column of JSON text cannot store; "
                     "use null, or a string"
                 ) from None
         if pa.types.is_boolean(kind) and isinstance(value, bool):
@@ -246,12 +245,12 @@ def _parse(number: int, line: str, *, text_field: str, id_field: str, field_type
     except json.JSONDecodeError as error:
         return Rejected(number, f"not valid JSON ({error.msg} at column {error.colno})", line)
     except ValueError:  # Python refuses to convert integers of more than 4,300 digits
-        return Rejected(number, "holds an integer too long to read (over 4,300 digits); quote it as a string", line)
+        return Rejected(number, "an integer of over 4,300 digits, too long to read; quote it as a string", line)
     except RecursionError:
-        return Rejected(number, f"nested more than {MAX_NESTING} levels deep; flatten it", line)
+        return Rejected(number, f"lists or objects nested more than {MAX_NESTING} levels deep; flatten them", line)
     # An escape like \ud800 decodes to half a UTF-16 pair, which no UTF-8 column can store.
     if "\\u" in line and any(isinstance(item, str) and _SURROGATE.search(item) for item, _ in _nodes(obj)):
-        return Rejected(number, "holds a \\u escape of a lone UTF-16 surrogate (\\ud800-\\udfff), not a character; fix the escape", line)
+        return Rejected(number, "a \\u escape of a lone UTF-16 surrogate (\\ud800-\\udfff), which is not a character", line)
     if not isinstance(obj, dict):
         return Rejected(number, f"a JSON {type(obj).__name__}, not an object", line)
     if text_field not in obj:
