@@ -293,7 +293,7 @@ def predict(ctx: click.Context, head: str, corpus_file: Path | None, as_json: bo
         f"(vectors reused {result.reused:,}, embedded {result.embedded:,}; warehouse version {result.version})"
     )
     if result.rejected:
-        click.echo(f"skipped {result.rejected:,} bad lines of {corpus_file}; written to {result.rejects_file}")
+        click.echo(f"skipped {result.rejected:,} bad lines of {corpus_file}, written to {result.rejects_file}")
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ from warehouse.keys import doc_hash, record_hash
 from warehouse.store import now_utc
 from warehouse.tables import DOCUMENTS, TIMESTAMP
 
-from .corpus import FieldTypes, Record, corpus_name, count_lines, read_corpus
+from .corpus import FieldTypes, Record, check_corpus_name, corpus_name, count_lines, read_corpus
 from .embedding import EmbeddingService
 from .progress import Progress
 from .registry import prepare_model
@@ -151,11 +151,12 @@ def ingest(
     path = Path(path)
     if not path.is_file():
         raise EwError(f"corpus file {path} does not exist or is not a file")
-    corpus = corpus or corpus_name(path)
+    corpus = check_corpus_name(corpus) if corpus is not None else corpus_name(path)
     if not isinstance(warehouse, Warehouse):
         warehouse = Warehouse.open(warehouse, create=True)
+    rejects = Rejects(path, rejects_file or _default_rejects_file(warehouse, corpus), on_error=on_error)
 
-    with warehouse.writer() as writer:
+    with rejects, warehouse.writer() as writer:
         prepared = prepare_model(writer, model, pooling=pooling, max_length=max_length)
         wanted_layers = parse_layers(layers, prepared.card.num_layers)
         service = EmbeddingService(writer, prepared, layers=wanted_layers, batch_size=batch_size, threads=threads)
@@ -165,12 +166,10 @@ def ingest(
             show.total = count_lines(path)
         field_types = FieldTypes(run.documents.schema)
         records = read_corpus(path, text_field=text_field, id_field=id_field, field_types=field_types)
-        rejects = Rejects(path, rejects_file or _default_rejects_file(warehouse, corpus), on_error=on_error)
-        with rejects:
-            try:
-                run.all_chunks(_chunks(rejects.filter(records, on_progress=show.advance), chunk_size), field_types, show)
-            finally:
-                show.close()
+        try:
+            run.all_chunks(_chunks(rejects.filter(records, show.advance), chunk_size), field_types, show)
+        finally:
+            show.close()
 
     return IngestResult(
         corpus=corpus,
