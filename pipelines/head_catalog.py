@@ -26,6 +26,8 @@ from .heads import HeadCard, LoadedHead, load_head, save_head
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+# Registering a trained head waits this long for another writer rather than losing the training.
+REGISTER_WAIT = 600.0
 
 
 def check_head_name(name: str) -> str:
@@ -85,7 +87,7 @@ def store_head(warehouse: Warehouse, module, card: HeadCard) -> tuple[HeadCard, 
     card = save_head(directory, module, card)
     row_written = False
     try:
-        with warehouse.writer() as writer:
+        with warehouse.writer(wait=REGISTER_WAIT) as writer:
             taken = writer.warehouse.current_dataset(HEADS).to_table(columns=["head"]).column("head").to_pylist()
             if card.name in taken:
                 raise HeadError(f"a head named {card.name!r} was registered meanwhile by another run; pick another --name")

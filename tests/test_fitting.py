@@ -74,3 +74,27 @@ def test_json_summary_and_errors(warehouse_copy):
         fit_head(warehouse_copy, label="section", pooling="cls")
     with pytest.raises(EwError, match="layers 0..2"):
         fit_head(warehouse_copy, label="section", layer=7)
+
+
+def test_ctrl_c_stops_training_stores_nothing_and_exits_130(warehouse_copy):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    command = [sys.executable, "-m", "pipelines.cli", "-w", str(warehouse_copy.root), "fit-head", "--label", "section",
+               "--name", "interrupted", "--epochs", "100000", "--patience", "0", "--batch-size", "1"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               cwd=Path(__file__).parents[1])
+    time.sleep(6)  # past the start-up and into training
+    process.send_signal(signal.SIGINT)
+    try:
+        out, err = process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+    assert process.returncode == 130, (out, err)
+    assert err.count("\n") == 1 and err.startswith("Interrupted"), err
+    assert [row.head for row in list_heads(warehouse_copy)] == []
+    assert not list(warehouse_copy.heads_dir().glob("interrupted*")) if warehouse_copy.heads_dir().exists() else True

@@ -38,9 +38,9 @@ class LocalStorage:
         """A URI deltalake lists (``file:///...`` or a plain path) as a path of :attr:`fs`."""
         return uri[len("file://"):] if uri.startswith("file://") else uri
 
-    def lock(self) -> AbstractContextManager[None]:
+    def lock(self, *, wait: float = 0.0) -> AbstractContextManager[None]:
         """The warehouse's write lock: one writer at a time, released when the process dies."""
-        return write_lock(self.root)
+        return write_lock(self.root, wait=wait)
 
     def iter_files(self, relative: str) -> Iterator[tuple[str, int]]:
         """(path relative to the root, size in bytes) of every file below ``relative``."""

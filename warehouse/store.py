@@ -196,10 +196,10 @@ class Warehouse:
 
     # -- writing -------------------------------------------------------------------
     @contextmanager
-    def writer(self) -> Iterator["Writer"]:
-        """Take the write lock and settle what a crashed writer left; the block's table writes
-        become visible at ``Writer.commit``."""
-        with self.storage.lock():
+    def writer(self, *, wait: float = 0.0) -> Iterator["Writer"]:
+        """Take the write lock (waiting up to ``wait`` seconds for another writer) and settle what
+        a crashed writer left; the block's table writes become visible at ``Writer.commit``."""
+        with self.storage.lock(wait=wait):
             writer = Writer(self)
             writer.settle()
             yield writer
