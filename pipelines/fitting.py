@@ -110,9 +110,8 @@ def fit_head(
     """
     started = time.perf_counter()
     from .heads import require_torch
-    from .metrics import classification_metrics
     from .report import write_report
-    from .training import TrainConfig, predict_batches, train_head
+    from .training import TrainConfig
 
     # Fail before anything is embedded or written when the training extra is missing.
     require_torch()
@@ -141,18 +140,7 @@ def fit_head(
                                               threads=threads, version=version) as data:
         stats = data.assemble()
         _check_splits(stats, label)
-        train_started = time.perf_counter()
-        trained = train_head(
-            train_batches=lambda epoch: data.batches("train", batch_size=batch_size, epoch=epoch),
-            val_batches=lambda: data.batches("val", batch_size=EVAL_BATCH),
-            steps_per_epoch=math.ceil(stats.counts["train"] / batch_size),
-            input_dim=stats.dim,
-            num_classes=len(stats.classes),
-            config=config,
-        )
-        train_seconds = time.perf_counter() - train_started
-        y_true, y_pred = predict_batches(trained.module, data.batches("test", batch_size=EVAL_BATCH))
-        metrics = classification_metrics(y_true, y_pred, classes=stats.classes)
+        trained, metrics, train_seconds = _train_and_test(data, stats, config)
     # DuckDB's copy of the vectors is closed, and its memory handed back, before the report is drawn.
     card = HeadCard(
         name=name, config=trained.config, classes=stats.classes, model=row.model, layer=layer, pooling=row.pooling,
@@ -169,6 +157,25 @@ def fit_head(
                           title=f"{name}: {label} from {row.model} layer {layer}")
     return FitResult.of(card, path=directory, report=report, reused=stats.documents - embedded, embedded=embedded,
                         seconds=time.perf_counter() - started)
+
+
+def _train_and_test(data: LabelledVectors, stats: SplitStats, config):
+    """(trained head, test metrics, training seconds): train on train, stop early on val, score test."""
+    from .metrics import classification_metrics
+    from .training import predict_batches, train_head
+
+    started = time.perf_counter()
+    trained = train_head(
+        train_batches=lambda epoch: data.batches("train", batch_size=config.batch_size, epoch=epoch),
+        val_batches=lambda: data.batches("val", batch_size=EVAL_BATCH),
+        steps_per_epoch=math.ceil(stats.counts["train"] / config.batch_size),
+        input_dim=stats.dim,
+        num_classes=len(stats.classes),
+        config=config,
+    )
+    seconds = time.perf_counter() - started
+    y_true, y_pred = predict_batches(trained.module, data.batches("test", batch_size=EVAL_BATCH))
+    return trained, classification_metrics(y_true, y_pred, classes=stats.classes), seconds
 
 
 @contextmanager

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import duckdb
@@ -82,28 +82,40 @@ def predict(
         raise EwError("--version pins stored documents: use it with --where, not with a corpus file")
     if output.suffix.lower() not in (".parquet", ".csv"):
         raise EwError(f"--output must end in .parquet or .csv, not {output.name!r}")
-    if not output.parent.is_dir():
-        raise EwError(f"cannot write {output}: the directory {output.parent} does not exist")
     if not isinstance(warehouse, Warehouse):
         warehouse = Warehouse.open(warehouse)
     loaded = open_head(warehouse, head)
-    model, layer, pooling = loaded.card.model, loaded.card.layer, loaded.card.pooling
-
     if corpus_file is not None:
         rejects = Rejects(corpus_file, rejects_file or output.with_name(output.name + ".rejects.jsonl"), on_error=on_error)
         lines = _Lines(corpus_file, text_field=text_field, id_field=id_field, rejects=rejects)
-        with rejects, warehouse.writer() as writer:
-            summary = embed_missing(writer, lines.texts(), model=open_model(warehouse, model), layers=[layer],
-                                    threads=threads, operation="embed-for-predict")
-        snapshot = warehouse.snapshot()
-        vectors = warehouse.dataset(EMBEDDINGS, snapshot)
-        rows = _write_predictions(lines.scored(vectors, model=model, layer=layer, pooling=pooling), loaded, output)
-        return PredictResult(head=head, output=str(output), rows=rows, embedded=summary.embedded,
-                             reused=len(lines.distinct) - summary.embedded, rejected=rejects.count,
-                             rejects_file=str(rejects.path) if rejects.count else None,
-                             seconds=round(time.perf_counter() - started, 3), version=snapshot.version)
+        result = _predict_file(warehouse, loaded, lines, output=output, threads=threads)
+    else:
+        result = _predict_stored(warehouse, loaded, DocumentFilter(where=where), output=output, version=version,
+                                 threads=threads)
+    return replace(result, head=head, seconds=round(time.perf_counter() - started, 3))
 
-    documents = DocumentFilter(where=where)
+
+def _predict_file(warehouse: Warehouse, head: LoadedHead, lines: "_Lines", *, output: Path,
+                  threads: int | None) -> PredictResult:
+    """Score every line of a corpus file; texts without a vector are embedded and stored first."""
+    model, layer, pooling = head.card.model, head.card.layer, head.card.pooling
+    with lines.rejects, warehouse.writer() as writer:
+        summary = embed_missing(writer, lines.texts(), model=open_model(warehouse, model), layers=[layer],
+                                threads=threads, operation="embed-for-predict")
+    snapshot = warehouse.snapshot()
+    vectors = warehouse.dataset(EMBEDDINGS, snapshot)
+    rows = _write_predictions(lines.scored(vectors, model=model, layer=layer, pooling=pooling), head, output)
+    rejects = lines.rejects
+    return PredictResult(head="", output=str(output), rows=rows, embedded=summary.embedded,
+                         reused=len(lines.distinct) - summary.embedded, rejected=rejects.count,
+                         rejects_file=str(rejects.path) if rejects.count else None, seconds=0.0,
+                         version=snapshot.version)
+
+
+def _predict_stored(warehouse: Warehouse, head: LoadedHead, documents: DocumentFilter, *, output: Path,
+                    version: int | None, threads: int | None) -> PredictResult:
+    """Score the stored documents matching ``documents`` (at ``version``: embedding nothing)."""
+    model, layer, pooling = head.card.model, head.card.layer, head.card.pooling
     embedded = 0
     if version is None:
         embedded = ensure_vectors(warehouse, documents, model_key=model, layer=layer, pooling=pooling,
@@ -119,7 +131,7 @@ def predict(
             "USING (doc_hash) ORDER BY d.corpus, d.id",
             params=params + [model, layer, pooling],
         ).to_arrow_reader(CHUNK)
-        rows = _write_predictions(reader, loaded, output)
+        rows = _write_predictions(reader, head, output)
         distinct = con.execute(
             f"SELECT count(DISTINCT doc_hash) FROM documents WHERE {condition}", params
         ).fetchone()[0]
@@ -127,9 +139,8 @@ def predict(
         raise QueryError(f"reading the documents to predict failed: {sql_error_message(error)}") from None
     finally:
         con.close()
-    return PredictResult(head=head, output=str(output), rows=rows, embedded=embedded, reused=distinct - embedded,
-                         rejected=0, rejects_file=None, seconds=round(time.perf_counter() - started, 3),
-                         version=snapshot.version)
+    return PredictResult(head="", output=str(output), rows=rows, embedded=embedded, reused=distinct - embedded,
+                         rejected=0, rejects_file=None, seconds=0.0, version=snapshot.version)
 
 
 class _Lines:

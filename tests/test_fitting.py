@@ -87,7 +87,11 @@ def test_ctrl_c_stops_training_stores_nothing_and_exits_130(warehouse_copy):
                "--name", "interrupted", "--epochs", "100000", "--patience", "0", "--batch-size", "1"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                cwd=Path(__file__).parents[1])
-    time.sleep(6)  # past the start-up and into training
+    # Into training: torch is loaded (it is imported when training starts), then a little more.
+    deadline = time.time() + 60
+    while time.time() < deadline and "libtorch" not in Path(f"/proc/{process.pid}/maps").read_text():
+        time.sleep(0.2)
+    time.sleep(3)
     process.send_signal(signal.SIGINT)
     try:
         out, err = process.communicate(timeout=30)
