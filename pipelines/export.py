@@ -30,7 +30,7 @@ import numpy as np
 from pipelines.artifacts import CARD_FILE, INPUT_NAMES, MODEL_FILE, OUTPUT_NAME, TOKENIZER_FILE, ModelCard
 from pipelines.encoder import Encoder, usable_cores
 from pipelines.models import EXPORT_FORMAT, ModelSource
-from warehouse.errors import EwError
+from warehouse.errors import EwError, first_line
 from pipelines.errors import ExportError, MissingDependencyError
 
 OPSET = 17
@@ -142,7 +142,10 @@ def _build(source: ModelSource, build: Path, *, tolerance: float, torch, transfo
     except EwError:
         raise
     except Exception as error:  # torch/transformers/onnx failures: report them as an export failure
-        raise ExportError(f"exporting {source.name} ({source.path}) to ONNX failed: {error}") from error
+        raise ExportError(
+            f"exporting {source.name} ({source.path}) to ONNX failed: {first_line(error)}; check that the directory "
+            "holds a complete Hugging Face encoder (weights in safetensors are safest)"
+        ) from error
 
     card = _card(source, input_names, pad_token_id=tokenizer.pad_token_id, torch=torch, transformers=transformers)
     kept, max_abs_diff = _keep_first_within_tolerance(candidates, build, card, expected, tolerance, source)

@@ -73,6 +73,12 @@ def open_head(warehouse: Warehouse, name: str) -> LoadedHead:
             f"head {name!r}: its card ({row.artifact}) says {card.name}/{card.model}/layer {card.layer}, the heads "
             f"table says {row.head}/{row.model}/layer {row.layer}; the files were changed: train the head again"
         )
+    models = {model.model: model for model in warehouse.models()}
+    if card.model not in models or not 0 <= card.layer <= models[card.model].num_layers:
+        known = models.get(card.model)
+        where = f"it has layers 0..{known.num_layers}" if known else "it is not registered here"
+        raise HeadError(f"head {name!r} reads layer {card.layer} of model {card.model}, but {where}; "
+                        "train the head again in this warehouse")
     return head
 
 

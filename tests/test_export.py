@@ -120,3 +120,27 @@ def test_source_with_only_vocab_txt_gets_the_same_tokenizer(tiny_bert_dir, tiny_
     np.testing.assert_allclose(
         Encoder.load(report.path).encode(texts).vectors, Encoder.load(tiny_artifact).encode(texts).vectors, atol=1e-5
     )
+
+
+class _Payload:
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {_Payload.marker}",))
+
+
+def test_a_malicious_pickle_is_refused_in_one_line_and_never_runs(tiny_bert_dir, tmp_path):
+    import pickle
+    import shutil
+
+    from pipelines.models import resolve_model
+
+    model = tmp_path / "evil"
+    shutil.copytree(tiny_bert_dir, model)
+    (model / "model.safetensors").unlink()
+    _Payload.marker = tmp_path / "pwned"
+    (model / "pytorch_model.bin").write_bytes(pickle.dumps({"weights": _Payload()}))
+    with pytest.raises(ExportError) as raised:
+        export_model(resolve_model(str(model)), tmp_path / "out")
+    assert "\n" not in str(raised.value) and "to ONNX failed" in str(raised.value)
+    assert not _Payload.marker.exists() and not (tmp_path / "out").exists()
