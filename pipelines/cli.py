@@ -123,7 +123,8 @@ def query(ctx: click.Context, sql: str, version: int | None, fmt: str | None, ou
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per version.")
 @click.pass_context
 def log(ctx: click.Context, as_json: bool) -> None:
-    """List the warehouse's versions: number, time, operation, rows added.
+    """List the warehouse's versions: number, time, operation, rows added, the Delta version of
+    each table it pins (for readers that time-travel without ew), and details.
 
     Example: ew log
     """
@@ -132,11 +133,15 @@ def log(ctx: click.Context, as_json: bool) -> None:
         for entry in entries:
             click.echo(json.dumps(entry.to_dict()))
         return
-    click.echo(f"{'version':>7}  {'committed at (UTC)':<19}  {'operation':<14}  {'rows added':>10}  detail")
+    tables = list(entries[0].pins) if entries else []
+    pins_title = "pins (" + "/".join(tables) + ")" if tables else "pins"
+    click.echo(f"{'version':>7}  {'committed at (UTC)':<19}  {'operation':<14}  {'rows added':>10}  {pins_title}  detail")
     for entry in entries:
+        pins = "/".join("-" if entry.pins[t] < 0 else str(entry.pins[t]) for t in tables).ljust(len(pins_title))
         detail = ", ".join(f"{k}={v}" for k, v in entry.detail.items())
         click.echo(
-            f"{entry.version:>7}  {entry.committed_at:%Y-%m-%d %H:%M:%S}  {entry.operation:<14}  {entry.rows_added:>10,}  {detail}"
+            f"{entry.version:>7}  {entry.committed_at:%Y-%m-%d %H:%M:%S}  {entry.operation:<14}  {entry.rows_added:>10,}  "
+            f"{pins}  {detail}"
         )
 
 
