@@ -11,7 +11,6 @@ import click
 
 from warehouse import EwError, Warehouse
 from warehouse.formats import FORMATS, format_for, write_result
-from warehouse.query import run_query
 from warehouse.store import DEFAULT_PATH, ENV_VAR
 
 M_ARENA_MAX = -8  # glibc's mallopt parameter number
@@ -108,7 +107,7 @@ def query(ctx: click.Context, sql: str, version: int | None, fmt: str | None, ou
     Example: ew query "select model, layer, count(*) from embeddings group by all order by all"
     """
     chosen = format_for(output, fmt)
-    result = run_query(_warehouse(ctx), sql, version=version)
+    result = _warehouse(ctx).query(sql, version=version)
     rows = write_result(result.reader, fmt=chosen, output=output, stdout=sys.stdout)
     if output is not None:
         click.echo(f"wrote {rows:,} rows to {output} (warehouse version {result.version})", err=True)

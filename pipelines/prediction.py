@@ -108,7 +108,7 @@ def predict(
         embedded = ensure_vectors(warehouse, documents, model_key=model, layer=layer, pooling=pooling,
                                   threads=threads, operation="embed-for-predict")
     snapshot = warehouse.snapshot(version)
-    con = connect(warehouse, snapshot)
+    con = connect(warehouse.datasets(snapshot))
     try:
         condition, params = documents.condition()
         reader = con.sql(

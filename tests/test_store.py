@@ -92,7 +92,7 @@ def test_a_pinned_query_is_stable_while_another_process_commits(wh):
         with wh.writer() as w:
             w.upsert_documents(docs(*[str(i) for i in range(start, start + 10)]))
             w.commit("ingest")
-    reader = wh.query("select id from documents", batch_rows=5)
+    reader = wh.query("select id from documents", batch_rows=5).reader
     first = reader.read_next_batch()
     writer_script = (
         "import sys, pyarrow as pa\n"

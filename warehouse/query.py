@@ -9,26 +9,30 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import duckdb
 import pyarrow as pa
+import pyarrow.dataset as pads
 
 from .errors import QueryError, QueryRefusedError, first_line
-from .tables import TABLES
-from .versions import Snapshot
-
-if TYPE_CHECKING:
-    from .store import Warehouse
 
 DEFAULT_MEMORY_LIMIT = "1GB"
 
 
 @dataclass(frozen=True)
 class QueryResult:
+    """The result of one query: the warehouse version it read and its batches, streamed once."""
+
     version: int
     reader: pa.RecordBatchReader
+
+    def __iter__(self):
+        return iter(self.reader)
+
+    def read_all(self) -> pa.Table:
+        return self.reader.read_all()
 
 
 def check_sql(sql: str) -> str:
@@ -57,15 +61,14 @@ def usable_cores() -> int:
 
 
 def connect(
-    warehouse: "Warehouse",
-    snapshot: Snapshot,
+    datasets: Mapping[str, pads.Dataset],
     *,
     memory_limit: str = DEFAULT_MEMORY_LIMIT,
     threads: int | None = None,
     database: str = ":memory:",
     settings: dict[str, object] | None = None,
 ) -> duckdb.DuckDBPyConnection:
-    """A DuckDB (in memory by default) with one view per table at ``snapshot``, then locked down.
+    """A DuckDB (in memory by default) with one view per entry of ``datasets``, then locked down.
 
     ``settings`` are further DuckDB settings for ew's own queries (never a user's).
     """
@@ -88,8 +91,8 @@ def connect(
             **(settings or {}),
         },
     )
-    for table in TABLES:
-        con.register(table, warehouse.dataset(table, snapshot))
+    for name, dataset in datasets.items():
+        con.register(name, dataset)
     con.execute("SET enable_progress_bar = false")  # ew's output is its own: no bar drawn over it
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
@@ -97,24 +100,24 @@ def connect(
 
 
 def run_query(
-    warehouse: "Warehouse",
     sql: str,
     *,
-    version: int | None = None,
+    datasets: Mapping[str, pads.Dataset],
+    version: int,
     batch_rows: int = 8192,
     memory_limit: str = DEFAULT_MEMORY_LIMIT,
+    timeout: float | None = None,
 ) -> QueryResult:
-    """Check ``sql``, pin ``version`` (default latest) and return a streaming reader of the result."""
+    """Check ``sql`` and return a streaming reader of its result over ``datasets`` (the tables of ``version``)."""
     check_sql(sql)
-    snapshot = warehouse.snapshot(version)
-    con = connect(warehouse, snapshot, memory_limit=memory_limit)
+    con = connect(datasets, memory_limit=memory_limit)
     try:
         reader = con.sql(sql).to_arrow_reader(batch_rows)
     except duckdb.PermissionException as error:
         raise QueryRefusedError(first_line(error)) from None
     except duckdb.Error as error:
         raise QueryError(f"the query failed: {first_line(error)}") from None
-    return QueryResult(version=snapshot.version, reader=_keep_alive(reader, con))
+    return QueryResult(version=version, reader=_keep_alive(reader, con))
 
 
 def _keep_alive(reader: pa.RecordBatchReader, con: duckdb.DuckDBPyConnection) -> pa.RecordBatchReader:

@@ -175,7 +175,7 @@ def missing_vectors(
     documents.check(warehouse.dataset(DOCUMENTS, snapshot).schema.names)
     condition, params = documents.condition()
     columns, tail = ("doc_hash", "LIMIT 1") if probe else ("doc_hash, any_value(text) AS text", "GROUP BY doc_hash")
-    con = connect(warehouse, snapshot, memory_limit=INTERNAL_MEMORY_LIMIT)
+    con = connect(warehouse.datasets(snapshot), memory_limit=INTERNAL_MEMORY_LIMIT)
     try:
         reader = con.sql(
             f"SELECT {columns} FROM documents WHERE {condition} AND doc_hash NOT IN "
@@ -222,7 +222,7 @@ class LabelledVectors:
         self._documents = DocumentFilter(label=self.label, corpus=self.corpus, where=self.where)
         self._documents.check(self.warehouse.dataset(DOCUMENTS, snapshot).schema.names)
         # The vectors stream through joins on the probe side: only narrow keys are ever hashed.
-        self._con = connect(self.warehouse, snapshot, memory_limit=self.memory_limit, threads=self.threads,
+        self._con = connect(self.warehouse.datasets(snapshot), memory_limit=self.memory_limit, threads=self.threads,
                             settings={"disabled_optimizers": "build_side_probe_side"})
         try:
             self._count()

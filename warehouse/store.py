@@ -1,7 +1,7 @@
 """The warehouse: a directory of Delta tables plus the artifacts (models, heads) they refer to.
 
     wh = Warehouse.open("ew-warehouse")
-    wh.query("select model, count(*) from embeddings group by all").read_all()
+    wh.query("select model, count(*) from embeddings group by all").read_all()  # a QueryResult
     with wh.writer() as w:          # one writer at a time
         w.append_embeddings(rows)   # a Delta commit to one table
         w.commit("ingest", detail)  # the warehouse version that makes it visible
@@ -23,6 +23,7 @@ from deltalake import ColumnProperties, DeltaTable, WriterProperties, write_delt
 
 from .errors import EwError, WarehouseNotFoundError, first_line
 from .lock import write_lock
+from .query import QueryResult, run_query
 from .tables import (
     delta_dataset,
     DOCUMENTS,
@@ -147,11 +148,17 @@ class Warehouse:
             return pads.dataset(SCHEMAS[table].empty_table())
         return delta_dataset(DeltaTable(path), self.table_path(table))
 
-    def query(self, sql: str, *, version: int | None = None, batch_rows: int = 8192) -> "pa.RecordBatchReader":
-        """Run one sandboxed, read-only SELECT pinned to ``version``; returns a streaming reader."""
-        from .query import run_query
+    def datasets(self, snapshot: Snapshot) -> dict[str, pads.Dataset]:
+        """Every table as ``snapshot`` pins it, by name: what DuckDB sees in ``connect``."""
+        return {table: self.dataset(table, snapshot) for table in TABLES}
 
-        return run_query(self, sql, version=version, batch_rows=batch_rows).reader
+    def query(
+        self, sql: str, *, version: int | None = None, batch_rows: int = 8192, timeout: float | None = None
+    ) -> QueryResult:
+        """Run one sandboxed, read-only SELECT pinned to ``version`` (default latest); streams its result."""
+        snapshot = self.snapshot(version)
+        return run_query(sql, datasets=self.datasets(snapshot), version=snapshot.version,
+                         batch_rows=batch_rows, timeout=timeout)
 
     # -- writing -------------------------------------------------------------------
     @contextmanager
