@@ -53,8 +53,8 @@ DEFAULT_MEMORY_LIMIT = "1GB"
 # DuckDB does not account and the result batches on their way out.
 QUERY_MEMORY_CAP = 2 << 30
 
-# Functions refused wherever they are called, by what they do. Patterns, matched against
-# lowercased names; the DuckDB version ew was written for has every one that has no "*".
+# Functions refused wherever they are called, by what they do: patterns matched against
+# lowercased names. A few (getenv, sql_auto_complete) exist only in other DuckDB builds.
 REFUSED_CALLS = {
     "reads files, URLs or raw memory": (
         "read_*", "*_scan", "parquet_*", "glob", "sniff_csv", "iceberg_*", "delta_*", "sqlite_*", "postgres_*",
