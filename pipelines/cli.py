@@ -11,6 +11,7 @@ import click
 
 from warehouse import EwError, Warehouse
 from warehouse.formats import FORMATS, format_for, write_result, written_in_place
+from warehouse.query import memory_cap
 from warehouse.store import DEFAULT_PATH, ENV_VAR
 
 M_ARENA_MAX = -8  # glibc's mallopt parameter number
@@ -105,15 +106,22 @@ def ingest(ctx: click.Context, corpus_file: Path, as_json: bool, **options) -> N
 @click.option("--version", "version", type=click.IntRange(min=0), help="Read this warehouse version (see `ew log`).")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), help="Output format (default: table, or from --output's extension).")
 @click.option("--output", "-o", type=click.Path(path_type=Path), help="Write to this file instead of stdout.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Stop the query after this many seconds.")
 @click.pass_context
-def query(ctx: click.Context, sql: str, version: int | None, fmt: str | None, output: Path | None) -> None:
+def query(ctx: click.Context, sql: str, version: int | None, fmt: str | None, output: Path | None,
+          timeout: float | None) -> None:
     """Run one read-only SQL SELECT (DuckDB) over the tables documents, embeddings, models, heads.
 
     Example: ew query "select model, layer, count(*) from embeddings group by all order by all"
     """
     chosen = format_for(output, fmt)
-    result = _warehouse(ctx).query(sql, version=version)
-    rows = write_result(result.reader, fmt=chosen, output=output, stdout=sys.stdout)
+    try:
+        with memory_cap(), _warehouse(ctx).query(sql, version=version, timeout=timeout) as result:
+            rows = write_result(result.reader, fmt=chosen, output=output, stdout=sys.stdout)
+    except KeyboardInterrupt:
+        unwritten = f"; {output} was not written" if output is not None else ""
+        click.echo(f"Interrupted: the query was stopped{unwritten}.", err=True)
+        ctx.exit(130)
     if output is not None:
         where = f"{output}, in place (not a regular file)" if written_in_place(output) else str(output)
         click.echo(f"wrote {rows:,} rows to {where} (warehouse version {result.version})", err=True)
