@@ -314,3 +314,13 @@ def test_other_commands_meet_damage_with_one_error_line(fitted_copy, tmp_path, c
     else:
         assert result.stderr.startswith(f"Error: cannot read ") and f"table at {fitted_copy.root / table} (" in result.stderr
         assert result.stderr.endswith("; its Delta log is missing or damaged: " + VERIFY_HINT)
+
+
+def test_a_damaged_commit_past_the_pinned_version_is_named(fitted_copy):
+    with fitted_copy.writer() as writer:  # an interrupted writer's commit, then damaged
+        writer.upsert_documents(pa.table({"corpus": ["extra"], "id": ["x"], "doc_hash": [doc_hash("hi")], "text": ["hi"]}))
+    path = fitted_copy.root / DOCUMENTS / "_delta_log" / f"{fitted_copy._open_delta(DOCUMENTS).version():020d}.json"
+    path.write_text("{")
+    report = verify(fitted_copy, deep=True)
+    assert found(report) == [("delta-log", str(path))]
+    assert report.problems[0].what.startswith("the documents table cannot be read at its newest version: ")
