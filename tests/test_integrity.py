@@ -312,7 +312,7 @@ def test_other_commands_meet_damage_with_one_error_line(fitted_copy, tmp_path, c
     if expected is not None:
         assert result.stderr == expected
     else:
-        assert result.stderr.startswith(f"Error: cannot read ") and f"table at {fitted_copy.root / table} (" in result.stderr
+        assert result.stderr.startswith("Error: cannot read ") and f"table at {fitted_copy.root / table} (" in result.stderr
         assert result.stderr.endswith("; its Delta log is missing or damaged: " + VERIFY_HINT)
 
 
