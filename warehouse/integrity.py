@@ -55,7 +55,10 @@ WRITERS = "`ew ingest`, `ew fit-head` or `ew heads rm`"
 class Problem:
     """One finding: ``what`` is wrong, ``where`` (a file, or a table and key), and ``fix``: what to do."""
 
-    kind: str   # e.g. "missing-file", "delta-log", "ahead", "duplicate-key"
+    # log, pin, delta-log, ahead, missing-file, damaged-file, row-count, file-size (tables);
+    # duplicate-key, doc-hash, vector-width, layer-range, unknown-model, unreadable-rows (deep);
+    # model-artifact, head-artifact (pipelines.integrity)
+    kind: str
     what: str
     where: str
     fix: str
@@ -198,9 +201,10 @@ class _TableCheck:
         self.add(
             "ahead",
             f"the {table} table is at Delta version {newest.version()}, the latest warehouse version pins {pinned}: "
-            "commits of an interrupted writer that no reader sees yet",
+            "commits that no reader sees yet, of a writer that was interrupted (or is running now)",
             self.storage.table_uri(table),
-            f"the next writing command ({WRITERS}) adopts them in a 'recover' version; run `ew verify` after it",
+            f"unless an ew command is writing now, the next writing command ({WRITERS}) adopts them in a 'recover' "
+            "version; run `ew verify` after it",
         )
 
     def newest(self, table: str) -> DeltaTable | None | bool:
