@@ -50,6 +50,8 @@ class ModelCard:
     export_seconds: float = 0.0
     versions: dict = field(default_factory=dict)  # torch, transformers, onnx, onnxruntime that exported it
     created_at: str = ""
+    onnx_sha256: str = ""            # of model.onnx, tokenizer.json; set at export ("" in cards older than them)
+    tokenizer_sha256: str = ""
 
     @classmethod
     def load(cls, directory: Path) -> "ModelCard":
@@ -95,6 +97,10 @@ class ModelCard:
             Path(temporary).unlink(missing_ok=True)
             raise
         return directory / CARD_FILE
+
+    def file_digests(self) -> dict[str, str]:
+        """The SHA-256 each file of the artifact must have, by file name ("" where the card has none)."""
+        return {MODEL_FILE: self.onnx_sha256, TOKENIZER_FILE: self.tokenizer_sha256}
 
     def row(self, *, artifact: str, created_at: datetime) -> ModelRow:
         """The ``models`` catalog row of this model, stored at ``artifact`` (relative to the warehouse)."""

@@ -309,6 +309,30 @@ def predict(ctx: click.Context, head: str, corpus_file: Path | None, as_json: bo
         click.echo(f"skipped {result.rejected:,} bad lines of {corpus_file}, written to {result.rejects_file}")
 
 
+@cli.command()
+@click.option("--deep", is_flag=True, help="Also read every row: unique keys, vector widths and layers, document hashes.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+@click.pass_context
+def verify(ctx: click.Context, deep: bool, as_json: bool) -> None:
+    """Check that every file the latest version pins exists and reads, and every model and head loads.
+
+    Prints one line per problem (where: what; what to do) and exits 1, or a summary and exits 0.
+
+    Example: ew verify --deep
+    """
+    from .integrity import verify as run_verify
+
+    report = run_verify(_warehouse(ctx), deep=deep)
+    if as_json:
+        click.echo(json.dumps(report.to_dict()))
+    else:
+        for problem in report.problems:
+            click.echo(problem.line())
+        click.echo(report.summary())
+    if not report.ok:
+        ctx.exit(1)
+
+
 def main() -> None:
     _limit_malloc_arenas()
     cli(prog_name="ew")

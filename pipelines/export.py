@@ -31,6 +31,7 @@ from pipelines.artifacts import CARD_FILE, INPUT_NAMES, MODEL_FILE, OUTPUT_NAME,
 from pipelines.encoder import Encoder, usable_cores
 from pipelines.models import EXPORT_FORMAT, ModelSource
 from warehouse.errors import EwError, first_line
+from warehouse.keys import file_digest
 from pipelines.errors import ExportError, MissingDependencyError
 
 OPSET = 17
@@ -158,6 +159,8 @@ def _build(source: ModelSource, build: Path, *, tolerance: float, torch, transfo
         # Whether onnxruntime's transformer fusions (attention, layer norm, gelu) are in the stored graph.
         fused=kept == fused,
         export_seconds=round(time.perf_counter() - started, 3),
+        onnx_sha256=file_digest(build / MODEL_FILE),
+        tokenizer_sha256=file_digest(build / TOKENIZER_FILE),
     )
     card.save(build)
     return card

@@ -65,21 +65,38 @@ def check_name_free(warehouse: Warehouse, name: str) -> None:
 
 def open_head(warehouse: Warehouse, name: str) -> LoadedHead:
     """Load a registered head; its card must describe the same head as its catalog row."""
-    row = find_head(warehouse, name)
+    return load_registered(warehouse, find_head(warehouse, name))
+
+
+def load_registered(warehouse: Warehouse, row: HeadRow) -> LoadedHead:
+    """Load the files of the head ``row`` registers (load_head checks their digests) and check they are that head."""
     head = load_head(warehouse.root / row.artifact)
     card = head.card
     if (card.name, card.model, card.layer, card.pooling) != (row.head, row.model, row.layer, row.pooling):
         raise HeadError(
-            f"head {name!r}: its card ({row.artifact}) says {card.name}/{card.model}/layer {card.layer}, the heads "
+            f"head {row.head!r}: its card ({row.artifact}) says {card.name}/{card.model}/layer {card.layer}, the heads "
             f"table says {row.head}/{row.model}/layer {row.layer}; the files were changed: train the head again"
+        )
+    registered = _registered_digest(row)
+    if registered and card.digest != registered:
+        raise HeadError(
+            f"head {row.head!r}: its files ({row.artifact}) are not the ones the heads table registered (another "
+            "digest); the files were replaced: train the head again"
         )
     models = {model.model: model for model in warehouse.models()}
     if card.model not in models or not 0 <= card.layer <= models[card.model].num_layers:
         known = models.get(card.model)
         where = f"it has layers 0..{known.num_layers}" if known else "it is not registered here"
-        raise HeadError(f"head {name!r} reads layer {card.layer} of model {card.model}, but {where}; "
+        raise HeadError(f"head {row.head!r} reads layer {card.layer} of model {card.model}, but {where}; "
                         "train the head again in this warehouse")
     return head
+
+
+def _registered_digest(row: HeadRow) -> str | None:
+    try:
+        return row.card_dict().get("digest")
+    except (ValueError, AttributeError):  # a card column that is not a JSON object: nothing to compare
+        return None
 
 
 def store_head(warehouse: Warehouse, module, card: HeadCard) -> tuple[HeadCard, Path]:

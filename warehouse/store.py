@@ -125,16 +125,19 @@ class Warehouse:
         table = self._open_delta(LOG)
         if table is None:
             return LOG_SCHEMA.empty_table()
-        return self._read(delta_dataset(table, self.storage, LOG), LOG)
+        return self._read(self._delta_dataset(table, LOG), LOG)
+
+    def _delta_dataset(self, delta: DeltaTable, table: str) -> pads.Dataset:
+        try:
+            return delta_dataset(delta, self.storage, table)
+        except (OSError, pa.ArrowException) as error:  # pyarrow looks at every file as it lists them
+            raise _damaged_table(table, error) from None
 
     def _read(self, dataset: pads.Dataset, table: str, **options) -> pa.Table:
         try:
             return dataset.to_table(**options)
         except (OSError, pa.ArrowException) as error:
-            raise StorageError(
-                f"cannot read the {table} table ({first_line(error)}); a data file is missing or damaged: "
-                "run `ew verify` to see what is wrong"
-            ) from None
+            raise _damaged_table(table, error) from None
 
     def latest_version(self) -> int | None:
         log = self._log()
@@ -157,7 +160,7 @@ class Warehouse:
         delta = self.delta_table(table, snapshot)
         if delta is None:
             return pads.dataset(SCHEMAS[table].empty_table())
-        return delta_dataset(delta, self.storage, table)
+        return self._delta_dataset(delta, table)
 
     def datasets(self, snapshot: Snapshot) -> dict[str, pads.Dataset]:
         """Every pinned table of ``snapshot``, by name."""
@@ -169,7 +172,7 @@ class Warehouse:
         delta = self._open_delta(table)
         if delta is None:
             return pads.dataset(SCHEMAS[table].empty_table())
-        return delta_dataset(delta, self.storage, table)
+        return self._delta_dataset(delta, table)
 
     def current_versions(self) -> dict[str, int]:
         """The newest Delta version of every table (-1: not created yet)."""
@@ -203,6 +206,15 @@ class Warehouse:
             writer = Writer(self)
             writer.settle()
             yield writer
+
+
+def _damaged_table(table: str, error: BaseException) -> StorageError:
+    # pyarrow raises FileNotFoundError(path) for a data file the Delta log lists but the disk lacks.
+    detail = f"{error} is missing" if type(error) is FileNotFoundError and not error.filename else first_line(error)
+    return StorageError(
+        f"cannot read the {table} table ({detail}); a data file is missing or damaged: "
+        "run `ew verify` to see what is wrong"
+    )
 
 
 def conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
@@ -281,7 +293,7 @@ class Writer:
     def _upsert_corpus(self, corpus: str, rows: pa.Table) -> None:
         stored = self.warehouse.current_dataset(DOCUMENTS)
         in_corpus = pc.field("corpus") == corpus
-        stored_ids = stored.to_table(columns=["id"], filter=in_corpus).column("id").combine_chunks()
+        stored_ids = self.warehouse._read(stored, DOCUMENTS, columns=["id"], filter=in_corpus).column("id").combine_chunks()
         if not pc.any(pc.is_in(rows.column("id"), value_set=stored_ids)).as_py():
             self._write(DOCUMENTS, rows)
             return
