@@ -247,16 +247,13 @@ _REQUIRED = ("name", "config", "classes", "model", "layer", "pooling", "label", 
 
 
 def _check_tune(data: dict, where: str) -> None:
-    tune = data.get("tune", "head")
-    if tune not in TUNES:
-        raise HeadError(f"{where}: unknown tune {tune!r}; this ew knows {', '.join(TUNES)}")
-    if (tune != "head") != (data["format"] >= TOP_FORMAT):
-        raise HeadError(f"{where}: tune {tune!r} does not match card format {data['format']}; the card was changed")
-    if tune != "head":
-        if not isinstance(data.get("from_layer"), int) or data["from_layer"] != data["layer"]:
-            raise HeadError(f"{where}: 'from_layer' must be an integer equal to 'layer'; the card was changed")
-        if not isinstance(data.get("top"), dict) or not data["top"].get("base_weights_sha256"):
-            raise HeadError(f"{where}: 'top' must record base_weights_sha256; the card was changed: train the head again")
+    tune, layer, top = data.get("tune", "head"), data.get("from_layer"), data.get("top")
+    if tune not in TUNES or (tune != "head") != (data["format"] >= TOP_FORMAT):
+        raise HeadError(f"{where}: tune {tune!r} with format {data['format']} is unknown to this ew (tunes: {', '.join(TUNES)})")
+    if tune != "head" and not (isinstance(layer, int) and layer == data["layer"] and isinstance(top, dict)
+                               and top.get("base_weights_sha256")):
+        raise HeadError(f"{where}: 'from_layer' must equal 'layer' and 'top' must record base_weights_sha256; "
+                        "the card was changed: train the head again")
 
 
 def _config(raw: object, where: str) -> HeadConfig:
@@ -365,11 +362,10 @@ class LoadedHead:
 def load_head(directory: Path) -> LoadedHead:
     """Read a head written by :func:`save_head`. Never unpickles or executes anything."""
     card, weights = read_head_files(directory)
-    weights_path = Path(directory) / WEIGHTS_FILE
     if card.tune != "head":
         raise HeadError(f"{directory} holds a head trained with --tune {card.tune} from layer {card.from_layer}: "
                         "it reads token states, not pooled vectors; load it with pipelines.recycling.load_top_head")
-    _check_weights(weights, card.config, str(weights_path))
+    _check_weights(weights, card.config, str(Path(directory) / WEIGHTS_FILE))
     return LoadedHead(card=card, weights=weights)
 
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipelines.errors import HeadError
-from pipelines.heads import HeadCard, HeadConfig, LoadedHead, read_head_files, require_torch, write_head_files
+from pipelines.heads import HeadCard, HeadConfig, read_head_files, require_torch, write_head_files
 from pipelines.top import (
     WEIGHTS_FILE, TopConfig, base_config, build_lower, build_top, trainable_parameters, trained_tensors,
 )
@@ -159,12 +159,8 @@ def load_top_head(directory: Path, *, weights_dir: Path) -> TopHead:
     return TopHead(card=card, module=torch_module(card, weights, weights_dir=Path(weights_dir), where=str(directory)))
 
 
-def head_module(head: LoadedHead, *, weights_dir: Path) -> "torch.nn.Module":
-    """A plain head (already loaded) as a torch module reading layer-``layer`` states."""
-    return torch_module(head.card, head.weights, weights_dir=Path(weights_dir), where=head.card.name)
-
-
 def torch_module(card: HeadCard, weights: dict[str, np.ndarray], *, weights_dir: Path, where: str) -> "torch.nn.Module":
+    """Any head's card and stored tensors as a torch module reading layer-``card.layer`` states (B, T, D), (B, T) -> logits (B, C)."""
     torch = require_torch()
     if card.tune == "head":
         weights = {f"head.{name}": array for name, array in weights.items()}

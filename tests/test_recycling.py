@@ -239,3 +239,17 @@ def test_export_refuses_a_head_of_another_model(tmp_path, tiny_artifact, tiny_be
     save_top_head(tmp_path / "lora", result, _card(model="other-model"), weights_dir=tiny_bert_dir)
     with pytest.raises(HeadError, match="reads model 'other-model'"):
         export_head(tmp_path / "lora", tmp_path / "x.onnx", artifact_dir=tiny_artifact, weights_dir=tiny_bert_dir)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"tune": "top"}, "does not match its digest"),
+    ({"from_layer": 0}, "'from_layer' must equal 'layer'"),
+    ({"format": 2}, "unknown to this ew"),
+])
+def test_a_changed_top_card_is_refused(tmp_path, tiny_bert_dir, documents, change, message):
+    result = _train(tiny_bert_dir, documents, tune="lora", epochs=1)
+    save_top_head(tmp_path / "head", result, _card(), weights_dir=tiny_bert_dir)
+    path = tmp_path / "head" / "head.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    with pytest.raises(HeadError, match=message):
+        load_top_head(tmp_path / "head", weights_dir=tiny_bert_dir)
