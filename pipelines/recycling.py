@@ -24,7 +24,7 @@ import numpy as np
 from pipelines.errors import HeadError
 from pipelines.heads import HeadCard, HeadConfig, read_head_files, require_torch, write_head_files
 from pipelines.top import (
-    WEIGHTS_FILE, TopConfig, base_config, build_lower, build_top, trainable_parameters, trained_tensors,
+    WEIGHTS_FILE, TopConfig, base_config, build_top, trainable_parameters, trained_tensors,
 )
 from pipelines.training import Batches, EpochStats, TrainConfig, train_module
 from warehouse.keys import file_digest
