@@ -39,7 +39,9 @@ if TYPE_CHECKING:
     import torch
 
 FORMAT = 2  # 2: the card carries a digest over the weights, model, layer, classes and config
-READABLE_FORMATS = (1, 2)
+TOP_FORMAT = 3  # 3: a head trained with layers above K (tune "top" or "lora"); its digest covers `top` too
+READABLE_FORMATS = (1, 2, 3)
+TUNES = ("head", "top", "lora")  # head: a head on pooled vectors; top/lora: layers above K + head, on token states
 WEIGHTS_FILE = "head.safetensors"
 CARD_FILE = "head.json"
 KINDS = ("mlp", "linear")
@@ -168,10 +170,17 @@ class HeadCard:
     format: int = FORMAT
     weights_sha256: str = ""        # of head.safetensors; set by save_head
     digest: str = ""                # over the weights and every field that decides predictions; set by save_head
+    # "head": reads pooled vectors of `layer`. "top"/"lora": reads layer-`from_layer` token states
+    # (`layer` == `from_layer`), runs the encoder layers above it, pools, then the head.
+    tune: str = "head"
+    from_layer: int | None = None
+    # tune top/lora only: base_weights_sha256, num_layers, rank, alpha, targets, trainable_parameters
+    top: dict = field(default_factory=dict)
 
     @property
     def parameters(self) -> int:
-        return self.config.parameters
+        """Trained parameters: the head's, plus the layers' or adapters' for tune top/lora."""
+        return int(self.top.get("trainable_parameters", self.config.parameters))
 
     @property
     def accuracy(self) -> float:
@@ -206,6 +215,7 @@ class HeadCard:
         for name, kind in (("layer", int), ("trained_on_version", int), ("model", str), ("label", str), ("pooling", str)):
             if not isinstance(data[name], kind) or isinstance(data[name], bool):
                 raise HeadError(f"{where}: {name!r} must be {'an integer' if kind is int else 'a string'}, got {data[name]!r}")
+        _check_tune(data, where)
         if data["format"] >= 2 and not (data.get("weights_sha256") and data.get("digest")):
             raise HeadError(f"{where} lacks its digests (weights_sha256, digest); the card was damaged: train the head again")
         known = {f.name for f in fields(cls)}
@@ -216,14 +226,17 @@ class HeadCard:
 
     def expected_digest(self, weights_sha256: str) -> str:
         """What ``digest`` must be: the weights and every field that decides what a prediction means."""
-        return fingerprint({"weights": weights_sha256, "config": asdict(self.config), "classes": list(self.classes),
-                            "model": self.model, "layer": self.layer, "pooling": self.pooling, "label": self.label})
+        fields_ = {"weights": weights_sha256, "config": asdict(self.config), "classes": list(self.classes),
+                   "model": self.model, "layer": self.layer, "pooling": self.pooling, "label": self.label}
+        if self.tune != "head":  # plain heads keep their format-2 digest
+            fields_.update(tune=self.tune, from_layer=self.from_layer, top=self.top)
+        return fingerprint(fields_)
 
     def row(self, *, artifact: str, created_at: datetime) -> HeadRow:
         """The ``heads`` catalog row of this head, stored at ``artifact`` (relative to the warehouse)."""
         return HeadRow(
             head=self.name, model=self.model, layer=self.layer, pooling=self.pooling, label=self.label,
-            kind=self.config.kind, classes=self.classes, accuracy=self.accuracy, macro_f1=self.macro_f1,
+            kind=self.config.kind if self.tune == "head" else f"{self.tune}+{self.config.kind}", classes=self.classes, accuracy=self.accuracy, macro_f1=self.macro_f1,
             train_rows=int(self.rows.get("train", 0)), val_rows=int(self.rows.get("val", 0)),
             test_rows=int(self.rows.get("test", 0)), trained_on_version=self.trained_on_version,
             artifact=artifact, card=json.dumps(self.to_dict(), sort_keys=True), created_at=created_at,
@@ -231,6 +244,16 @@ class HeadCard:
 
 
 _REQUIRED = ("name", "config", "classes", "model", "layer", "pooling", "label", "trained_on_version")
+
+
+def _check_tune(data: dict, where: str) -> None:
+    tune, layer, top = data.get("tune", "head"), data.get("from_layer"), data.get("top")
+    if tune not in TUNES or (tune != "head") != (data["format"] >= TOP_FORMAT):
+        raise HeadError(f"{where}: tune {tune!r} with format {data['format']} is unknown to this ew (tunes: {', '.join(TUNES)})")
+    if tune != "head" and not (isinstance(layer, int) and layer == data["layer"] and isinstance(top, dict)
+                               and top.get("base_weights_sha256")):
+        raise HeadError(f"{where}: 'from_layer' must equal 'layer' and 'top' must record base_weights_sha256; "
+                        "the card was changed: train the head again")
 
 
 def _config(raw: object, where: str) -> HeadConfig:
@@ -250,22 +273,29 @@ def save_head(directory: Path, module: "torch.nn.Module", card: HeadCard) -> Hea
     temp sibling that is then renamed into place, so a head directory is either complete or
     absent. An existing directory is never overwritten.
     """
-    from safetensors.numpy import save_file
-
-    directory = Path(directory)
-    if directory.exists():
-        raise HeadError(f"a head already exists at {directory}; pick another --name")
     weights = {
         name: tensor.detach().cpu().float().contiguous().numpy()
         for name, tensor in module.state_dict().items()
     }
     _check_weights(weights, card.config, f"head to save at {directory}")
+    return write_head_files(directory, weights, card)
+
+
+def write_head_files(directory: Path, weights: dict[str, np.ndarray], card: HeadCard) -> HeadCard:
+    """:func:`save_head` for checked float32 ``weights``: both files appear at once, never over an existing head."""
+    from safetensors.numpy import save_file
+
+    directory = Path(directory)
+    if directory.exists():
+        raise HeadError(f"a head already exists at {directory}; pick another --name")
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    card_format = FORMAT if card.tune == "head" else TOP_FORMAT
     try:
-        save_file(weights, str(staging / WEIGHTS_FILE), metadata={"format": str(FORMAT)})
+        save_file(weights, str(staging / WEIGHTS_FILE), metadata={"format": str(card_format)})
         weights_sha256 = file_digest(staging / WEIGHTS_FILE)
-        card = replace(card, format=FORMAT, weights_sha256=weights_sha256, digest=card.expected_digest(weights_sha256))
+        card = replace(card, format=card_format, weights_sha256=weights_sha256,
+                       digest=card.expected_digest(weights_sha256))
         try:
             text = json.dumps(card.to_dict(), indent=2, ensure_ascii=False, allow_nan=False)
         except (TypeError, ValueError) as exc:
@@ -331,6 +361,16 @@ class LoadedHead:
 
 def load_head(directory: Path) -> LoadedHead:
     """Read a head written by :func:`save_head`. Never unpickles or executes anything."""
+    card, weights = read_head_files(directory)
+    if card.tune != "head":
+        raise HeadError(f"{directory} holds a head trained with --tune {card.tune} from layer {card.from_layer}: "
+                        "it reads token states, not pooled vectors; load it with pipelines.recycling.load_top_head")
+    _check_weights(weights, card.config, str(Path(directory) / WEIGHTS_FILE))
+    return LoadedHead(card=card, weights=weights)
+
+
+def read_head_files(directory: Path) -> tuple[HeadCard, dict[str, np.ndarray]]:
+    """(card, float32 weights) of a head directory, digests checked; the caller checks the tensor names."""
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
@@ -358,10 +398,9 @@ def load_head(directory: Path) -> LoadedHead:
         weights = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise HeadError(f"{weights_path} is corrupt ({exc}); train the head again") from None
-    _check_weights(weights, card.config, str(weights_path))
     for name, array in weights.items():
         if array.dtype != np.float32:
             raise HeadError(f"{weights_path}: tensor {name} is {array.dtype}, expected float32")
         if not np.all(np.isfinite(array)):
             raise HeadError(f"{weights_path}: tensor {name} holds NaN or infinite values; train the head again")
-    return LoadedHead(card=card, weights=weights)
+    return card, weights

@@ -1,5 +1,7 @@
-"""The loop that fits a head on batches of (embedding, class index).
+"""The loop that fits a head on batches of (embedding, class index), or any module on batches of (inputs, class index).
 
+:func:`train_module` is the loop; :func:`train_head` builds a plain head and runs it on
+``(x, y)`` batches; ``pipelines.recycling`` runs it on ``((states, mask), y)`` batches.
 The data side is a pair of callables, so the loop knows nothing about the warehouse:
 ``train_batches(epoch)`` yields that epoch's shuffled batches, ``val_batches()`` the
 validation split. Loading runs in a background thread (:func:`prefetch`) while torch computes.
@@ -16,7 +18,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
@@ -28,7 +30,8 @@ if TYPE_CHECKING:
     import torch
 
 T = TypeVar("T")
-Batches = Iterable[tuple[np.ndarray, np.ndarray]]  # (x: (B, D) float32, y: (B,) int64 class index)
+# (x: (B, D) float32, y: (B,) int64 class index), or (inputs: a tuple of arrays passed to the module in order, y)
+Batches = Iterable[tuple["np.ndarray | tuple[np.ndarray, ...]", np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,7 @@ class TrainConfig:
     epochs: int = 30  # at most; early stopping usually ends sooner
     batch_size: int = 64  # rows per batch; the data side batches, the loop only records it
     lr: float = 1e-3  # peak learning rate, decayed linearly to 0 over epochs * steps_per_epoch
-    weight_decay: float = 1e-5  # Adam's L2 penalty
+    weight_decay: float = 1e-5  # Adam's L2 penalty, on every trained tensor
     seed: int = 0  # weight init and dropout; the data side seeds its own shuffling
     patience: int = 3  # stop after this many epochs without a lower validation loss; 0 never stops early
 
@@ -57,7 +60,7 @@ class EpochStats:
 @dataclass(frozen=True)
 class TrainResult:
     module: Any  # torch.nn.Module in eval mode, holding the best epoch's weights
-    config: HeadConfig
+    config: HeadConfig | None  # the head's config (train_head); None from train_module
     history: tuple[EpochStats, ...]
     best_epoch: int  # 1-based; the epoch whose weights `module` holds
     seconds: float
@@ -122,16 +125,21 @@ def prefetch(batches: Iterable[T], *, depth: int = 4) -> Iterator[T]:
         thread.join()
 
 
-def _as_tensors(torch: Any, x: np.ndarray, y: np.ndarray) -> tuple["torch.Tensor", "torch.Tensor"]:
-    """Zero-copy for writable float32 / int64 arrays; anything else is converted once."""
-    x = np.asarray(x, dtype=np.float32)
-    y = np.asarray(y, dtype=np.int64)
+def _tensor(torch: Any, array: np.ndarray) -> "torch.Tensor":
+    """Zero-copy for writable float32 / int64 / bool arrays; floats become float32, integers int64."""
+    array = np.asarray(array)
+    if array.dtype != np.bool_:
+        array = array.astype(np.float32 if np.issubdtype(array.dtype, np.floating) else np.int64, copy=False)
     # torch warns on read-only arrays (Arrow buffers often are); a copy of one batch is cheap.
-    if not x.flags.writeable:
-        x = x.copy()
-    if not y.flags.writeable:
-        y = y.copy()
-    return torch.from_numpy(x), torch.from_numpy(y)
+    if not array.flags.writeable:
+        array = array.copy()
+    return torch.from_numpy(array)
+
+
+def _as_tensors(torch: Any, inputs: "np.ndarray | tuple", y: np.ndarray) -> tuple[tuple["torch.Tensor", ...], "torch.Tensor"]:
+    """((input tensors...), y): a bare array is the module's only input."""
+    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    return tuple(_tensor(torch, part) for part in inputs), _tensor(torch, np.asarray(y, dtype=np.int64))
 
 
 def _class_weight_tensor(torch: Any, class_weights: np.ndarray | None, num_classes: int) -> "torch.Tensor | None":
@@ -155,7 +163,7 @@ def _evaluate(
     with torch.inference_mode():
         for x_np, y_np in prefetch(batches):
             x, y = _as_tensors(torch, x_np, y_np)
-            logits = module(x)  # (B, C)
+            logits = module(*x)  # (B, C)
             loss_sum += functional.cross_entropy(logits, y, weight=weight, reduction="sum").item()
             weight_sum += float(weight[y].sum()) if weight is not None else len(y)
             correct += int((logits.argmax(dim=1) == y).sum())
@@ -165,13 +173,14 @@ def _evaluate(
     return loss_sum / max(weight_sum, 1e-12), correct / rows
 
 
-def _adam(torch: Any, module: "torch.nn.Module", config: TrainConfig) -> "torch.optim.Optimizer":
-    """Adam with AMSGrad; the fused kernel when this torch has it (a third less time per step on CPU)."""
+def _adam(torch: Any, module: "torch.nn.Module", config: TrainConfig, param_groups: list | None = None) -> "torch.optim.Optimizer":
+    """Adam with AMSGrad on the trainable tensors; the fused kernel when this torch has it (a third less time per step on CPU)."""
     options = dict(lr=config.lr, weight_decay=config.weight_decay, amsgrad=True)
+    params = param_groups or [p for p in module.parameters() if p.requires_grad]
     try:
-        return torch.optim.Adam(module.parameters(), fused=True, **options)
+        return torch.optim.Adam(params, fused=True, **options)
     except (RuntimeError, TypeError, ValueError):
-        return torch.optim.Adam(module.parameters(), **options)
+        return torch.optim.Adam(params, **options)
 
 
 def train_head(
@@ -190,11 +199,6 @@ def train_head(
     ``steps_per_epoch`` sizes the schedule; if an epoch yields more batches the rate stays at 0.
     Same seed and same batches give bit-identical weights. torch's global RNG is left as it was.
     """
-    torch = require_torch()
-    if steps_per_epoch < 1:
-        raise HeadError("training split is empty: steps_per_epoch is 0; check the label and split")
-    if config.epochs < 1:
-        raise HeadError(f"epochs must be at least 1, got {config.epochs}")
     head_config = HeadConfig(
         kind=config.kind,
         input_dim=input_dim,
@@ -203,6 +207,36 @@ def train_head(
         dropout=config.dropout,
         activation=config.activation,
     )
+    result = train_module(
+        lambda: build_head(head_config), train_batches=train_batches, val_batches=val_batches,
+        steps_per_epoch=steps_per_epoch, num_classes=num_classes, config=config, class_weights=class_weights,
+    )
+    return replace(result, config=head_config)
+
+
+def train_module(
+    build: Callable[[], "torch.nn.Module"],
+    *,
+    train_batches: Callable[[int], Batches],
+    val_batches: Callable[[], Batches],
+    steps_per_epoch: int,
+    num_classes: int,
+    config: TrainConfig,
+    class_weights: np.ndarray | None = None,
+    param_groups: Callable[["torch.nn.Module"], list] | None = None,
+) -> TrainResult:
+    """Train the module ``build()`` returns (built under ``config.seed``) on batches of (inputs, y).
+
+    Only tensors with ``requires_grad`` train; ``param_groups(module)``, when given, returns
+    the optimizer's groups (e.g. a lower learning rate for transformer layers). The loop,
+    schedule, early stopping and determinism are :func:`train_head`'s. The module's forward
+    takes the batch's inputs in order and returns logits (B, C).
+    """
+    torch = require_torch()
+    if steps_per_epoch < 1:
+        raise HeadError("training split is empty: steps_per_epoch is 0; check the label and split")
+    if config.epochs < 1:
+        raise HeadError(f"epochs must be at least 1, got {config.epochs}")
     weight = _class_weight_tensor(torch, class_weights, num_classes)
     total_steps = config.epochs * steps_per_epoch
     started = time.perf_counter()
@@ -211,59 +245,58 @@ def train_head(
 
     with torch.random.fork_rng(devices=[]):  # seed locally: the caller's RNG state is untouched
         torch.manual_seed(config.seed)
-        module = build_head(head_config)
-        optimizer = _adam(torch, module, config)
+        module = build()
+        optimizer = _adam(torch, module, config, param_groups(module) if param_groups else None)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: max(0.0, 1.0 - step / total_steps)
         )
-        functional = torch.nn.functional
         for epoch in range(1, config.epochs + 1):
             epoch_started = time.perf_counter()
-            module.train()
-            loss_sum = torch.zeros(())
-            rows = 0
-            for x_np, y_np in prefetch(train_batches(epoch)):
-                x, y = _as_tensors(torch, x_np, y_np)
-                logits = module(x)  # (B, C)
-                loss = functional.cross_entropy(logits, y, weight=weight)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                loss_sum += loss.detach() * len(y)  # no .item() per step: keeps the step cheap
-                rows += len(y)
-            if rows == 0:
-                raise HeadError(f"training split is empty: epoch {epoch} yielded no rows; check the label and split")
-            train_loss = float(loss_sum) / rows
-            if not math.isfinite(train_loss):
-                raise HeadError(f"training diverged at epoch {epoch} (loss {train_loss}); lower the learning rate")
+            train_loss = _train_epoch(torch, module, train_batches(epoch), optimizer, schedule, weight, epoch)
             val_loss, val_accuracy = _evaluate(torch, module, val_batches(), weight)
             if not math.isfinite(val_loss):
                 raise HeadError(f"training diverged at epoch {epoch} (validation loss {val_loss}); lower the learning rate")
-            history.append(
-                EpochStats(
-                    epoch=epoch,
-                    train_loss=train_loss,
-                    val_loss=val_loss,
-                    val_accuracy=val_accuracy,
-                    seconds=time.perf_counter() - epoch_started,
-                )
-            )
+            history.append(EpochStats(epoch=epoch, train_loss=train_loss, val_loss=val_loss,
+                                      val_accuracy=val_accuracy, seconds=time.perf_counter() - epoch_started))
             if val_loss < best_loss:
                 best_loss, best_epoch = val_loss, epoch
-                best_state = {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
+                best_state = {name: tensor.detach().clone() for name, tensor in _trained_state(module).items()}
             elif config.patience > 0 and epoch - best_epoch >= config.patience:
                 break
 
-    module.load_state_dict(best_state)
+    module.load_state_dict(best_state, strict=False)  # only trained tensors are kept; frozen ones never moved
     module.eval()
-    return TrainResult(
-        module=module,
-        config=head_config,
-        history=tuple(history),
-        best_epoch=best_epoch,
-        seconds=time.perf_counter() - started,
-    )
+    return TrainResult(module=module, config=None, history=tuple(history), best_epoch=best_epoch,
+                       seconds=time.perf_counter() - started)
+
+
+def _trained_state(module: "torch.nn.Module") -> dict:
+    """The state-dict entries that training changes: parameters with requires_grad (all of a plain head)."""
+    trained = {name for name, p in module.named_parameters() if p.requires_grad}
+    return {name: tensor for name, tensor in module.state_dict(keep_vars=True).items() if name in trained}
+
+
+def _train_epoch(torch: Any, module, batches: Batches, optimizer, schedule, weight, epoch: int) -> float:
+    """One pass over ``batches`` in train mode; the mean training loss over its rows."""
+    module.train()
+    loss_sum = torch.zeros(())
+    rows = 0
+    for x_np, y_np in prefetch(batches):
+        x, y = _as_tensors(torch, x_np, y_np)
+        logits = module(*x)  # (B, C)
+        loss = torch.nn.functional.cross_entropy(logits, y, weight=weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        loss_sum += loss.detach() * len(y)  # no .item() per step: keeps the step cheap
+        rows += len(y)
+    if rows == 0:
+        raise HeadError(f"training split is empty: epoch {epoch} yielded no rows; check the label and split")
+    train_loss = float(loss_sum) / rows
+    if not math.isfinite(train_loss):
+        raise HeadError(f"training diverged at epoch {epoch} (loss {train_loss}); lower the learning rate")
+    return train_loss
 
 
 def predict_batches(module: "torch.nn.Module", batches: Batches) -> tuple[np.ndarray, np.ndarray]:
@@ -276,7 +309,7 @@ def predict_batches(module: "torch.nn.Module", batches: Batches) -> tuple[np.nda
         for x_np, y_np in prefetch(batches):
             x, y = _as_tensors(torch, x_np, y_np)
             true_parts.append(y.numpy())
-            pred_parts.append(module(x).argmax(dim=1).numpy())  # (B,)
+            pred_parts.append(module(*x).argmax(dim=1).numpy())  # (B,)
     if not true_parts:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     return np.concatenate(true_parts), np.concatenate(pred_parts)
