@@ -111,3 +111,59 @@ def test_a_graph_beyond_the_tolerance_is_refused_and_nothing_changes(states_arti
         export_states(resolve_model(str(tiny_bert_dir), max_length=16), artifact, layer=2)
     assert sorted(p.name for p in artifact.iterdir()) == before
     assert 2 not in StatesCard.load(artifact).graphs
+
+
+# -- ingest --------------------------------------------------------------------------------------
+def write_corpus(path, n, start=0):
+    path.write_text("".join(json.dumps({"id": f"d{i}", "text": f"the data tool {i} of the warehouse {i % 3}"}) + "\n"
+                            for i in range(start, start + n)))
+    return path
+
+
+def rows(wh, sql):
+    return wh.query(sql).read_all().to_pylist()
+
+
+@pytest.fixture
+def wh(tmp_path):
+    from warehouse import Warehouse
+
+    return Warehouse.open(tmp_path / "wh", create=True)
+
+
+def test_ingest_caches_states_once_in_the_chunks_version(wh, tmp_path, tiny_bert_dir):
+    from pipelines.ingest import ingest
+
+    corpus = write_corpus(tmp_path / "c.jsonl", 10)
+    first = ingest(wh, corpus, model=str(tiny_bert_dir), token_states=1, chunk_size=4)
+    assert (first.embedded, first.states_cached, first.token_states, first.state_precision) == (10, 10, 1, "fp16")
+    [stats] = rows(wh, "select count(*) as n, count(distinct doc_hash) as docs, sum(octet_length(states)) as bytes, "
+                       "sum(n_tokens * dim * 2) as expected from token_states where layer = 1 and precision = 'fp16'")
+    assert stats["n"] == stats["docs"] == 10 and stats["bytes"] == stats["expected"] == first.states_bytes
+    assert first.states_bytes_per_document == first.states_bytes / 10
+    # Every chunk's version holds its vectors and states together.
+    for version in range(1, wh.latest_version() + 1):
+        [counts] = wh.query("select (select count(distinct doc_hash) from embeddings) as vectors, "
+                            "(select count(*) from token_states) as states", version=version).read_all().to_pylist()
+        assert counts["vectors"] == counts["states"]
+    version = wh.latest_version()
+    again = ingest(wh, corpus, model=str(tiny_bert_dir), token_states=1)
+    assert (again.embedded, again.states_cached, again.states_bytes, again.reused) == (0, 0, 0, 10)
+    assert wh.latest_version() == version  # nothing cached, no new version
+
+
+def test_documents_with_vectors_only_get_their_states(wh, tmp_path, tiny_bert_dir, monkeypatch):
+    from pipelines import embedding
+    from pipelines.ingest import ingest
+
+    corpus = write_corpus(tmp_path / "c.jsonl", 6)
+    ingest(wh, corpus, model=str(tiny_bert_dir))
+    vectors = rows(wh, "select count(*) as n from embeddings")[0]["n"]
+    plain, real = [], embedding.encode_texts
+    monkeypatch.setattr(embedding, "encode_texts", lambda *a, **k: plain.append(1) or real(*a, **k))
+    grown = write_corpus(tmp_path / "c.jsonl", 8)
+    result = ingest(wh, grown, model=str(tiny_bert_dir), token_states=2, state_precision="fp32")
+    assert (result.embedded, result.reused, result.states_cached) == (2, 6, 8)
+    assert plain == []  # every text went through the states graph once, none through the plain one
+    assert rows(wh, "select count(*) as n from embeddings")[0]["n"] == vectors + 2 * 3
+    assert rows(wh, "select distinct precision, layer from token_states") == [{"precision": "fp32", "layer": 2}]
