@@ -167,3 +167,123 @@ def test_documents_with_vectors_only_get_their_states(wh, tmp_path, tiny_bert_di
     assert plain == []  # every text went through the states graph once, none through the plain one
     assert rows(wh, "select count(*) as n from embeddings")[0]["n"] == vectors + 2 * 3
     assert rows(wh, "select distinct precision, layer from token_states") == [{"precision": "fp32", "layer": 2}]
+
+
+def test_the_table_reads_with_the_documented_recipes(states_ingested, tiny_bert_dir):
+    import polars as pl
+    from deltalake import DeltaTable
+
+    from pipelines.registry import open_model
+    from warehouse.tables import states_matrix
+
+    # ew query (DuckDB): filter in SQL, decode the BLOBs of the Arrow result with NumPy.
+    queried = states_ingested.query(
+        "select d.text, s.* from token_states s join (select distinct doc_hash, text from documents) d using (doc_hash) "
+        "order by doc_hash").read_all().to_pylist()
+    assert len(queried) == 40
+    decoded = {row["doc_hash"]: np.frombuffer(row["states"], "<f2").reshape(row["n_tokens"], row["dim"]) for row in queried}
+    # pyarrow and Polars straight from the Delta table, without ew.
+    table = DeltaTable(str(states_ingested.root / "token_states")).to_pyarrow_table()
+    for row in table.to_pylist():
+        np.testing.assert_array_equal(states_matrix(row), decoded[row["doc_hash"]])
+    for row in pl.read_delta(str(states_ingested.root / "token_states")).iter_rows(named=True):
+        np.testing.assert_array_equal(np.frombuffer(row["states"], "<f2").reshape(row["n_tokens"], row["dim"]),
+                                      decoded[row["doc_hash"]])
+
+    # fp16 against the fp32 encoder output and against torch, within fp16's rounding.
+    model = open_model(states_ingested, queried[0]["model"])
+    texts = [row["text"] for row in queried[:8]]
+    exact = Encoder.load(model.artifact).encode_states(texts, layer=1).states
+    hidden, mask = _torch_hidden(tiny_bert_dir, texts, layer=1, max_length=model.card.max_length)
+    for row, fp32, reference, row_mask in zip(queried, exact, hidden, mask):
+        cached = decoded[row["doc_hash"]].astype(np.float32)
+        np.testing.assert_allclose(cached, fp32, rtol=2**-11, atol=1e-7)
+        np.testing.assert_allclose(cached, reference[: int(row_mask.sum())], rtol=2**-11, atol=1e-4)
+
+
+def test_ew_query_sees_the_table(states_ingested):
+    from click.testing import CliRunner
+
+    from pipelines.cli import cli
+
+    sql = "select layer, precision, count(*) as docs, sum(octet_length(states)) = sum(n_tokens * dim * 2) as sized from token_states group by all"
+    result = CliRunner().invoke(cli, ["-w", str(states_ingested.root), "query", sql, "--format", "json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output) == {"layer": 1, "precision": "fp16", "docs": 40, "sized": True}
+
+
+def test_the_torch_weights_rebuild_the_layers_above_k(states_ingested):
+    """What training needs: the artifact's torch/ weights carry cached layer-1 states to the last layer."""
+    import torch
+    from transformers import AutoModel
+
+    from pipelines.registry import open_model
+    from warehouse.tables import states_matrix
+
+    [row] = states_ingested.query("select s.*, d.text from token_states s join documents d using (doc_hash) limit 1").read_all().to_pylist()
+    model = open_model(states_ingested, row["model"])
+    top = AutoModel.from_pretrained(str(model.artifact / "torch"), attn_implementation="eager").eval()
+    hidden = torch.from_numpy(states_matrix(row).astype(np.float32))[None]  # (1, T, D), no padding
+    with torch.inference_mode():
+        for layer in top.encoder.layer[1:]:
+            output = layer(hidden)
+            hidden = output[0] if isinstance(output, tuple) else output
+    pooled_last = Encoder.load(model.artifact).encode([row["text"]]).vectors[0, -1]
+    np.testing.assert_allclose(hidden[0].mean(0).numpy(), pooled_last, atol=1e-2)  # fp16 cache: ~1e-3 apart
+
+
+def test_ingest_summary_on_the_command_line(tmp_path, tiny_bert_dir):
+    from click.testing import CliRunner
+
+    from pipelines.cli import cli
+
+    corpus = write_corpus(tmp_path / "c.jsonl", 5)
+    invoke = lambda *args: CliRunner().invoke(cli, ["-w", str(tmp_path / "wh"), "ingest", str(corpus), "--model",
+                                                    str(tiny_bert_dir), *args])
+    summary = json.loads(invoke("--token-states", "2", "--json").output)
+    assert (summary["token_states"], summary["state_precision"], summary["states_cached"]) == (2, "fp16", 5)
+    assert summary["states_bytes_per_document"] == round(summary["states_bytes"] / 5, 1) > 0
+    human = invoke("--token-states", "2")
+    assert human.exit_code == 0, human.output
+    assert human.output.splitlines()[-1] == "token states of layer 2 (fp16): cached 0 documents, 0.0 KB per document (mean), 0.0 MB in all"
+    beyond = invoke("--token-states", "3")
+    assert beyond.exit_code == 1
+    assert beyond.stderr == "Error: --token-states: layer 3 does not exist; this model has layers 0..2\n"
+    assert invoke("--token-states", "1", "--state-precision", "fp8").exit_code == 2
+
+
+def test_a_rerun_with_states_never_imports_torch(wh, tmp_path, tiny_bert_dir):
+    import subprocess
+    import sys
+
+    from pipelines.ingest import ingest
+
+    ingest(wh, write_corpus(tmp_path / "c.jsonl", 3), model=str(tiny_bert_dir), token_states=1)  # exports (torch)
+    more = write_corpus(tmp_path / "d.jsonl", 3, start=100)
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from pipelines.ingest import ingest\n"
+        f"r = ingest({str(wh.root)!r}, Path({str(more)!r}), model={str(tiny_bert_dir)!r}, token_states=1)\n"
+        "assert r.states_cached == 3 and not r.exported, r\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_states_of_a_model_whose_weights_are_gone_say_what_to_do(wh, tmp_path, tiny_bert_dir, monkeypatch):
+    import pipelines.registry
+    from pipelines.errors import ModelNotFoundError
+    from pipelines.ingest import ingest
+
+    first = ingest(wh, write_corpus(tmp_path / "c.jsonl", 2), model=str(tiny_bert_dir))
+
+    def gone(name, **options):
+        raise ModelNotFoundError(name, ["nowhere"])
+
+    monkeypatch.setattr(pipelines.registry, "resolve_model", gone)
+    with pytest.raises(EwError, match=rf"caching layer 1 token states of {first.model} .* were not found "
+                                      rf"\(tried {first.model}, tiny-bert\d*\); pass --model with the model"):
+        ingest(wh, tmp_path / "c.jsonl", model=first.model, token_states=1)
