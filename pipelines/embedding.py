@@ -310,8 +310,10 @@ def embed_missing(
         if result.encoded:
             service.write_states(result.states)  # states and vectors before anything that refers to them
             service.write(result.rows)
-            writer.commit(operation, {"model": model.key, "embedded": result.embedded,
-                                      "states_cached": result.states_cached})
+            detail = {"model": model.key, "embedded": result.embedded}
+            if states is not None:
+                detail.update(token_states=states.layer, states_cached=result.states_cached)
+            writer.commit(operation, detail)
     return EmbedSummary(embedded=embedded, reused=reused, truncated=truncated, states_cached=cached)
 
 
