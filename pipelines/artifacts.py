@@ -1,5 +1,9 @@
 """The exported model artifact: a directory of ``model.onnx``, ``tokenizer.json`` and ``model.json``.
 
+Once token states are asked for, it also holds ``states-K.onnx`` per cached layer K (outputs
+``pooled`` and ``states``), ``torch/config.json`` + ``torch/model.safetensors`` (the encoder's own
+weights, from which training builds the layers above K) and ``states.json`` (:class:`StatesCard`).
+
 ``model.json`` is the :class:`ModelCard`: everything needed to run the graph again (inputs,
 pooling, max_length, widths) and everything that produced it (source, fingerprint, library
 versions, how far the ONNX output is from torch's). It is read, validated and written here only.
@@ -25,6 +29,9 @@ MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 CARD_FILE = "model.json"
 OUTPUT_NAME = "pooled"
+STATES_OUTPUT = "states"          # float32 (B, T, D): layer K's hidden state of every token
+STATES_CARD_FILE = "states.json"
+TORCH_DIR = "torch"               # config.json + model.safetensors, loadable by transformers.AutoModel
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")  # the graph takes a subset, in this order
 _POSITIVE = ("max_length", "dim", "num_layers")
 
@@ -87,16 +94,7 @@ class ModelCard:
 
     def save(self, directory: Path) -> Path:
         """Write ``directory/model.json`` whole (a temp file renamed into place)."""
-        directory = Path(directory)
-        handle, temporary = tempfile.mkstemp(prefix=f".{CARD_FILE}.", dir=directory)
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as out:
-                out.write(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
-            os.replace(temporary, directory / CARD_FILE)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-        return directory / CARD_FILE
+        return _write_json(Path(directory) / CARD_FILE, self.to_dict())
 
     def file_digests(self) -> dict[str, str]:
         """The SHA-256 each file of the artifact must have, by file name ("" where the card has none)."""
@@ -109,3 +107,67 @@ class ModelCard:
             num_layers=self.num_layers, max_length=self.max_length, pooling=self.pooling, precision=self.precision,
             max_abs_diff=self.max_abs_diff, artifact=artifact, created_at=created_at,
         )
+
+
+def states_file(layer: int) -> str:
+    """The file name of the graph that returns layer ``layer``'s token states."""
+    return f"states-{layer}.onnx"
+
+
+@dataclass(frozen=True)
+class StatesGraph:
+    """One verified ``states-K.onnx``: how far it is from torch and from ``model.onnx``."""
+
+    layer: int
+    max_abs_diff: float      # largest |onnxruntime - torch| over pooled vectors and real tokens' states
+    pooled_vs_model: float   # largest |pooled - model.onnx's pooled|: vectors of either graph mix
+    tolerance: float
+    fused: bool
+    export_seconds: float
+    created_at: str
+
+    @property
+    def file(self) -> str:
+        return states_file(self.layer)
+
+
+@dataclass(frozen=True)
+class StatesCard:
+    """``states.json``: the token-state graphs of an artifact and the torch weights copied beside them.
+
+    >>> StatesCard.load(artifact).weights   # doctest: +SKIP
+    {'config.json': '5b1f...', 'model.safetensors': '53aa...'}
+    """
+
+    weights: dict[str, str]                 # file in torch/ -> SHA-256 of its bytes
+    graphs: dict[int, StatesGraph] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, directory: Path) -> "StatesCard | None":
+        """The card of ``directory``, or None when no token states were ever exported there."""
+        path = Path(directory) / STATES_CARD_FILE
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            graphs = {int(layer): StatesGraph(**graph) for layer, graph in data["graphs"].items()}
+            return cls(weights=dict(data["weights"]), graphs=graphs)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            raise ArtifactError(directory, f"{STATES_CARD_FILE} cannot be read ({error})") from None
+
+    def save(self, directory: Path) -> Path:
+        data = {"weights": self.weights, "graphs": {str(k): asdict(g) for k, g in sorted(self.graphs.items())}}
+        return _write_json(Path(directory) / STATES_CARD_FILE, data)
+
+
+def _write_json(path: Path, data: dict) -> Path:
+    """Write ``path`` whole: a temp file beside it, renamed into place."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path

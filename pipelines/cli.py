@@ -73,6 +73,8 @@ def cli(ctx: click.Context, warehouse: Path, debug: bool) -> None:
 @click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True, help="On a bad line: stop, or skip it and write it to a rejects file.")
 @click.option("--rejects", "rejects_file", type=click.Path(dir_okay=False, path_type=Path), help="Where --on-error skip writes bad lines (default: WAREHOUSE/rejects/CORPUS-TIME.jsonl).")
 @click.option("--threads", type=click.IntRange(min=1), help="Inference threads (default: all usable cores).")
+@click.option("--token-states", type=click.IntRange(min=0), metavar="K", help="Also cache layer K's hidden states of every token (0 = embedding output), once per document, in `token_states`.")
+@click.option("--state-precision", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True, help="How --token-states are stored.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 @click.pass_context
 def ingest(ctx: click.Context, corpus_file: Path, as_json: bool, **options) -> None:
@@ -92,6 +94,12 @@ def ingest(ctx: click.Context, corpus_file: Path, as_json: bool, **options) -> N
         f"rejected {result.rejected:,}, truncated {result.truncated:,} in {result.seconds:.1f}s"
     )
     click.echo(f"model {result.model}, layers {','.join(map(str, result.layers))}; warehouse version {result.version}")
+    if result.token_states is not None:
+        click.echo(
+            f"token states of layer {result.token_states} ({result.state_precision}): cached {result.states_cached:,} "
+            f"documents, {result.states_bytes_per_document / 1e3:,.1f} KB per document (mean), "
+            f"{result.states_bytes / 1e6:,.1f} MB in all"
+        )
     if result.duplicate_ids:
         click.echo(f"{result.duplicate_ids:,} records repeat an earlier record's id (ids are compared as text: "
                    "1 and \"1\" are the same id); the last one of each id was kept")
@@ -110,7 +118,7 @@ def ingest(ctx: click.Context, corpus_file: Path, as_json: bool, **options) -> N
 @click.pass_context
 def query(ctx: click.Context, sql: str, version: int | None, fmt: str | None, output: Path | None,
           timeout: float | None) -> None:
-    """Run one read-only SQL SELECT (DuckDB) over the tables documents, embeddings, models, heads.
+    """Run one read-only SQL SELECT (DuckDB) over the tables documents, embeddings, models, heads, token_states.
 
     Example: ew query "select model, layer, count(*) from embeddings group by all order by all"
     """

@@ -1,11 +1,17 @@
-"""The embedding service: plan -> encode -> write, the one path every stored vector takes.
+"""The embedding service: plan -> encode -> write, the one path every stored vector (and token state) takes.
 
-- *plan* (:class:`Plan`): which (doc_hash, layer) keys a model lacks, against the table the
-  writer holds (after a crashed writer's commits were settled), plus what this run wrote;
-- *encode* (:func:`encode_texts`): the pure encoder over texts, no warehouse and no globals,
-  so another engine can run it on another machine;
-- *write* (:func:`embedding_rows`, :meth:`EmbeddingService.write`): vectors become rows of
-  ``embeddings``, appended through the :class:`~warehouse.store.Writer`.
+- *plan* (:class:`Plan`): which (doc_hash, layer) keys a model lacks, and with
+  :class:`TokenStates` which doc_hash lack layer K's token states at that precision, against the
+  tables the writer holds (after a crashed writer's commits were settled), plus what this run wrote;
+- *encode* (:func:`encode_texts`, :func:`encode_state_texts`): the pure encoder over texts, no
+  warehouse and no globals, so another engine can run it on another machine;
+- *write* (:func:`embedding_rows`, :func:`token_state_rows`, :meth:`EmbeddingService.write`):
+  vectors become rows of ``embeddings``, states rows of ``token_states``, appended through the
+  :class:`~warehouse.store.Writer`.
+
+A document that needs its states runs through the states graph, whose pooled vectors are the
+plain graph's (checked at export), so its missing vectors come from the same call; one that
+has its vectors already gets only its states computed.
 
 ``ingest`` embeds a corpus chunk by chunk through :meth:`EmbeddingService.embed`;
 fit-head and predict call :func:`ensure_vectors` / :func:`embed_missing` for the texts they
@@ -14,7 +20,7 @@ need. A key already stored, even by an interrupted run, is never encoded again.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -24,7 +30,8 @@ import pyarrow.dataset as pads
 
 from warehouse import Warehouse, Writer
 from warehouse.selection import DocumentFilter, missing_vectors
-from warehouse.tables import EMBEDDINGS, vector_column
+from warehouse.errors import EwError
+from warehouse.tables import EMBEDDINGS, STATE_DTYPES, TOKEN_STATES, states_column, vector_column
 
 from .registry import PreparedModel, open_model
 
@@ -36,32 +43,65 @@ if TYPE_CHECKING:
 ENCODE_GROUP = 512
 
 
+@dataclass(frozen=True)
+class TokenStates:
+    """The token states to cache: layer ``layer``'s, stored as ``precision`` ("fp16" or "fp32")."""
+
+    layer: int
+    precision: str = "fp16"
+
+    def __post_init__(self):
+        if self.precision not in STATE_DTYPES:
+            raise EwError(f"--state-precision: {self.precision!r} is not supported; use {' or '.join(STATE_DTYPES)}")
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(STATE_DTYPES[self.precision])
+
+
 class Plan:
-    """Which (doc_hash, layer) pairs a model already has, read once from the newest table state.
+    """Which (doc_hash, layer) pairs a model already has, and which doc_hash have their token
+    states, read once from the newest table states.
 
     Kept as one set of doc_hash per layer: fast to probe chunk after chunk. (Planning per chunk
     against the table, to keep memory flat for warehouses of tens of millions of documents,
-    replaces this class behind the same two methods.)
+    replaces this class behind the same methods.)
     """
 
-    def __init__(self, dataset: pads.Dataset, *, model: str, pooling: str, layers: Sequence[int]):
+    def __init__(self, dataset: pads.Dataset, *, model: str, pooling: str, layers: Sequence[int],
+                 states: TokenStates | None = None, states_dataset: pads.Dataset | None = None):
         self.layers = list(layers)
+        self.states = states
         self._stored: dict[int, set[str]] = {layer: set() for layer in self.layers}
         wanted = (pc.field("model") == model) & (pc.field("pooling") == pooling) & pc.field("layer").isin(self.layers)
         for batch in dataset.to_batches(columns=["doc_hash", "layer"], filter=wanted):
             layer_column = batch.column("layer")
             for layer in pc.unique(layer_column).to_pylist():
                 self._stored[layer].update(batch.column("doc_hash").filter(pc.equal(layer_column, layer)).to_pylist())
+        self._cached: set[str] = set()
+        if states is not None and states_dataset is not None:
+            cached = ((pc.field("model") == model) & (pc.field("layer") == states.layer)
+                      & (pc.field("precision") == states.precision))
+            for batch in states_dataset.to_batches(columns=["doc_hash"], filter=cached):
+                self._cached.update(batch.column("doc_hash").to_pylist())
 
     def missing(self, keys: Sequence[str]) -> list[list[int]]:
         """For each key, the wanted layers not stored yet ([] when it has them all)."""
         return [[layer for layer in self.layers if key not in self._stored[layer]] for key in keys]
+
+    def lacks_states(self, keys: Sequence[str]) -> list[bool]:
+        """For each key, whether its wanted token states are not stored yet (always False without states)."""
+        return [self.states is not None and key not in self._cached for key in keys]
 
     def add(self, keys: Sequence[str], layers: Sequence[Sequence[int]]) -> None:
         """Record that ``keys`` now have ``layers`` (written by this run)."""
         for key, key_layers in zip(keys, layers):
             for layer in key_layers:
                 self._stored[layer].add(key)
+
+    def add_states(self, keys: Sequence[str]) -> None:
+        """Record that ``keys`` now have their token states (written by this run)."""
+        self._cached.update(keys)
 
 
 def encode_texts(
@@ -83,6 +123,51 @@ def encode_texts(
         if on_progress:
             on_progress(len(group))
     return vectors, truncated
+
+
+def encode_state_texts(
+    encoder: Encoder,
+    texts: Sequence[str],
+    *,
+    layer: int,
+    dtype: np.dtype,
+    batch_size: int,
+    on_progress: Callable[[int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Vectors (n, layers, dim), truncation flags (n,) and each text's (n_tokens, dim) layer states as ``dtype``."""
+    order = np.argsort([len(text) for text in texts], kind="stable")
+    vectors = np.empty((len(texts), encoder.num_layers + 1, encoder.dim), dtype=np.float32)
+    truncated = np.zeros(len(texts), dtype=bool)
+    states: list[np.ndarray] = [np.empty((0, encoder.dim), dtype)] * len(texts)
+    for start in range(0, len(order), ENCODE_GROUP):
+        group = order[start : start + ENCODE_GROUP]
+        encoded = encoder.encode_states([texts[i] for i in group], layer=layer, batch_size=batch_size, dtype=dtype)
+        vectors[group] = encoded.vectors
+        truncated[group] = encoded.truncated
+        for index, text_states in zip(group, encoded.states):
+            states[index] = text_states
+        if on_progress:
+            on_progress(len(group))
+    return vectors, truncated, states
+
+
+def token_state_rows(keys: Sequence[str], states: Sequence[np.ndarray], *, model: str, layer: int,
+                     precision: str) -> pa.Table:
+    """Rows of ``token_states``, one per key; built ENCODE_GROUP rows at a time so no binary array nears 2 GiB."""
+    tables = []
+    for start in range(0, len(keys), ENCODE_GROUP):
+        part = states[start : start + ENCODE_GROUP]
+        n = len(part)
+        tables.append(pa.table({
+            "doc_hash": pa.array(keys[start : start + ENCODE_GROUP], pa.string()),
+            "model": pa.array([model] * n, pa.string()),
+            "layer": pa.array([layer] * n, pa.int32()),
+            "precision": pa.array([precision] * n, pa.string()),
+            "n_tokens": pa.array([s.shape[0] for s in part], pa.int32()),
+            "dim": pa.array([s.shape[1] for s in part], pa.int32()),
+            "states": states_column(part, precision),
+        }))
+    return pa.concat_tables(tables) if tables else pa.table({})
 
 
 def embedding_rows(
@@ -111,23 +196,30 @@ class Embedded:
     """What one :meth:`EmbeddingService.embed` call produced."""
 
     rows: pa.Table   # embeddings rows, not written yet
-    embedded: int    # distinct texts encoded
+    embedded: int    # distinct texts whose missing vectors were encoded
     reused: int      # distinct texts that had every wanted layer already
     truncated: int   # encoded texts cut to max_length tokens
+    states: pa.Table = field(default_factory=lambda: pa.table({}))  # token_states rows, not written yet
+    states_cached: int = 0  # distinct texts whose token states were computed
+    states_bytes: int = 0   # bytes of those states (n_tokens x dim x bytes per value, summed)
+    encoded: int = 0        # distinct texts run through the encoder (for vectors, states or both)
 
 
 class EmbeddingService:
     """Plans, encodes and writes the vectors of one model's wanted layers, under a writer's lock."""
 
     def __init__(self, writer: Writer, model: PreparedModel, *, layers: Sequence[int], batch_size: int = 32,
-                 threads: int | None = None):
+                 threads: int | None = None, states: TokenStates | None = None):
         self.writer = writer
         self.model = model
         self.layers = list(layers)
         self.batch_size = batch_size
         self.threads = threads
-        self.plan = Plan(writer.warehouse.current_dataset(EMBEDDINGS), model=model.key, pooling=model.card.pooling,
-                         layers=self.layers)
+        self.states = states
+        warehouse = writer.warehouse
+        self.plan = Plan(warehouse.current_dataset(EMBEDDINGS), model=model.key, pooling=model.card.pooling,
+                         layers=self.layers, states=states,
+                         states_dataset=warehouse.current_dataset(TOKEN_STATES) if states else None)
         self._encoder: Encoder | None = None
 
     @property
@@ -141,28 +233,52 @@ class EmbeddingService:
 
     def embed(self, keys: Sequence[str], texts: Sequence[str], *,
               on_progress: Callable[[int], None] | None = None) -> Embedded:
-        """Encode the distinct ``keys`` (with their ``texts``) that lack a wanted layer; rows not written yet.
+        """Encode the distinct ``keys`` (with their ``texts``) that lack a wanted layer or their token states;
+        rows not written yet.
 
         The plan counts them as stored from here on, so a later call never encodes them again.
         """
-        wanted: dict[str, tuple[str, list[int]]] = {}
         distinct = dict(zip(keys, texts))
-        for key, layers in zip(distinct, self.plan.missing(list(distinct))):
-            if layers:
-                wanted[key] = (distinct[key], layers)
-        if not wanted:
-            return Embedded(rows=pa.table({}), embedded=0, reused=len(distinct), truncated=0)
-        todo = list(wanted)
-        vectors, truncated = encode_texts(self.encoder, [wanted[k][0] for k in todo], batch_size=self.batch_size,
-                                          on_progress=on_progress)
-        layers = [wanted[k][1] for k in todo]
-        rows = embedding_rows(todo, vectors, layers, model=self.model.key, pooling=self.model.card.pooling)
-        self.plan.add(todo, layers)
-        return Embedded(rows=rows, embedded=len(todo), reused=len(distinct) - len(todo), truncated=int(truncated.sum()))
+        needs = list(zip(distinct, self.plan.missing(list(distinct)), self.plan.lacks_states(list(distinct))))
+        with_states = [(key, layers) for key, layers, lacks in needs if lacks]
+        vectors_only = [(key, layers) for key, layers, lacks in needs if layers and not lacks]
+        embedded = sum(1 for _, layers, _ in needs if layers)
+        truncated = 0
+        rows: list[pa.Table] = []
+        if vectors_only:
+            todo, layers = [k for k, _ in vectors_only], [l for _, l in vectors_only]
+            vectors, cut = encode_texts(self.encoder, [distinct[k] for k in todo], batch_size=self.batch_size,
+                                        on_progress=on_progress)
+            rows.append(embedding_rows(todo, vectors, layers, model=self.model.key, pooling=self.model.card.pooling))
+            truncated += int(cut.sum())
+        states = pa.table({})
+        states_bytes = 0
+        if with_states:
+            todo, layers = [k for k, _ in with_states], [l for _, l in with_states]
+            vectors, cut, text_states = encode_state_texts(
+                self.encoder, [distinct[k] for k in todo], layer=self.states.layer, dtype=self.states.dtype,
+                batch_size=self.batch_size, on_progress=on_progress)
+            rows.append(embedding_rows(todo, vectors, layers, model=self.model.key, pooling=self.model.card.pooling))
+            states = token_state_rows(todo, text_states, model=self.model.key, layer=self.states.layer,
+                                      precision=self.states.precision)
+            states_bytes = sum(s.nbytes for s in text_states)
+            truncated += int(cut.sum())
+            self.plan.add_states(todo)
+        self.plan.add([k for k, _, _ in needs], [l for _, l, _ in needs])
+        rows = [table for table in rows if table.num_rows]
+        return Embedded(
+            rows=pa.concat_tables(rows) if rows else pa.table({}), embedded=embedded, reused=len(distinct) - embedded,
+            truncated=truncated, states=states, states_cached=len(with_states), states_bytes=states_bytes,
+            encoded=len(vectors_only) + len(with_states),
+        )
 
     def write(self, rows: pa.Table) -> int:
         """Append embedding rows through the writer (visible at its next commit)."""
         return self.writer.append_embeddings(rows)
+
+    def write_states(self, rows: pa.Table) -> int:
+        """Append token_states rows through the writer (visible at its next commit)."""
+        return self.writer.append_token_states(rows)
 
 
 @dataclass(frozen=True)
@@ -170,6 +286,7 @@ class EmbedSummary:
     embedded: int    # distinct texts encoded and stored
     reused: int      # distinct texts whose vectors were stored already
     truncated: int
+    states_cached: int = 0  # distinct texts whose token states were stored (with ``states``)
 
 
 def embed_missing(
@@ -180,17 +297,24 @@ def embed_missing(
     layers: Sequence[int],
     threads: int | None = None,
     operation: str = "embed",
+    states: TokenStates | None = None,
 ) -> EmbedSummary:
-    """Encode and store the missing layers of (doc_hash, text) batches; one warehouse version per batch that adds any."""
-    service = EmbeddingService(writer, model, layers=layers, threads=threads)
-    embedded = reused = truncated = 0
+    """Encode and store the missing layers (and with ``states`` the missing token states) of
+    (doc_hash, text) batches; one warehouse version per batch that adds any."""
+    service = EmbeddingService(writer, model, layers=layers, threads=threads, states=states)
+    embedded = reused = truncated = cached = 0
     for batch in batches:
         result = service.embed(batch.column("doc_hash").to_pylist(), batch.column("text").to_pylist())
         embedded, reused, truncated = embedded + result.embedded, reused + result.reused, truncated + result.truncated
-        if result.embedded:
+        cached += result.states_cached
+        if result.encoded:
+            service.write_states(result.states)  # states and vectors before anything that refers to them
             service.write(result.rows)
-            writer.commit(operation, {"model": model.key, "embedded": result.embedded})
-    return EmbedSummary(embedded=embedded, reused=reused, truncated=truncated)
+            detail = {"model": model.key, "embedded": result.embedded}
+            if states is not None:
+                detail.update(token_states=states.layer, states_cached=result.states_cached)
+            writer.commit(operation, detail)
+    return EmbedSummary(embedded=embedded, reused=reused, truncated=truncated, states_cached=cached)
 
 
 def ensure_vectors(

@@ -7,6 +7,11 @@ document is encoded once whatever layer a head later trains on.
 >>> encoder = Encoder.load(Path("artifacts/all-minilm-l6-v2-3f1c0b9e2d4a"))   # doctest: +SKIP
 >>> encoder.encode(["a text", "another"]).vectors.shape                      # doctest: +SKIP
 (2, 7, 384)
+>>> encoder.encode_states(["a text"], layer=4).states[0].shape              # doctest: +SKIP
+(4, 384)
+
+Token states come from ``states-K.onnx`` (see :mod:`pipelines.artifacts`), a graph that returns
+the same pooled vectors plus layer K's hidden state of every token.
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ from tokenizers import Tokenizer
 from warehouse.errors import EwError
 from warehouse.query import usable_cores
 
-from .artifacts import CARD_FILE, INPUT_NAMES, MODEL_FILE, OUTPUT_NAME, TOKENIZER_FILE, ModelCard
+from .artifacts import CARD_FILE, INPUT_NAMES, MODEL_FILE, OUTPUT_NAME, STATES_OUTPUT, TOKENIZER_FILE, ModelCard, states_file
 from .errors import ArtifactError
 
 
@@ -29,6 +34,13 @@ from .errors import ArtifactError
 class EncodedBatch:
     vectors: np.ndarray  # (N, num_layers + 1, dim) float32, in input order
     truncated: np.ndarray  # (N,) bool: the text had more than max_length tokens
+
+
+@dataclass(frozen=True)
+class EncodedStates:
+    vectors: np.ndarray  # (N, num_layers + 1, dim) float32, in input order, as :meth:`Encoder.encode` gives
+    truncated: np.ndarray  # (N,) bool
+    states: list[np.ndarray]  # N arrays (n_tokens_i, dim): layer K's states of each text's real tokens
 
 
 def open_session(model_file: Path, *, threads: int) -> ort.InferenceSession:
@@ -59,6 +71,7 @@ class Encoder:
         self._pad_id = card.pad_token_id
         self._tokenizer = tokenizer
         self._session = session
+        self._states_sessions: dict[int, ort.InferenceSession] = {}  # layer -> states graph, opened on first use
 
     @classmethod
     def load(cls, artifact_dir: Path, *, threads: int | None = None) -> Encoder:
@@ -82,18 +95,7 @@ class Encoder:
             session = open_session(artifact_dir / MODEL_FILE, threads=threads)
         except Exception as error:  # onnxruntime raises its own non-EwError types
             raise ArtifactError(artifact_dir, f"{MODEL_FILE} cannot be loaded ({error})") from error
-        graph_inputs = [i.name for i in session.get_inputs()]
-        graph_outputs = [o.name for o in session.get_outputs()]
-        if (
-            sorted(graph_inputs) != sorted(card.input_names)
-            or not set(graph_inputs) <= set(INPUT_NAMES)
-            or graph_outputs != [OUTPUT_NAME]
-        ):
-            raise ArtifactError(
-                artifact_dir,
-                f"{MODEL_FILE} takes {graph_inputs} and returns {graph_outputs}, "
-                f"but {CARD_FILE} says {list(card.input_names)} -> [{OUTPUT_NAME!r}]",
-            )
+        _check_graph(artifact_dir, MODEL_FILE, session, card, [OUTPUT_NAME])
         return cls(artifact_dir, card, tokenizer, session, threads=threads)
 
     def token_lengths(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -117,6 +119,47 @@ class Encoder:
             vectors[rows] = self._run([encodings[i] for i in rows], int(lengths[rows].max()))
         return EncodedBatch(vectors=vectors, truncated=truncated)
 
+    def encode_states(self, texts: Sequence[str], *, layer: int, batch_size: int = 32,
+                      dtype: np.dtype | str = np.float32) -> EncodedStates:
+        """Pooled vectors of every layer plus layer ``layer``'s states of each text's real tokens (as ``dtype``).
+
+        Runs ``states-<layer>.onnx``, batched like :meth:`encode`; padding is cut off each text's
+        states before they are kept, and each is copied out of its batch, so only the states
+        asked for stay in memory.
+        """
+        if batch_size < 1:
+            raise EwError(f"batch_size must be at least 1, got {batch_size}")
+        session = self._states_session(layer)
+        encodings, lengths, truncated = self._tokenize(texts)
+        vectors = np.empty((len(encodings), self.num_layers + 1, self.dim), dtype=np.float32)
+        states: list[np.ndarray] = [np.empty((0, self.dim), dtype)] * len(encodings)
+        order = np.argsort(-lengths, kind="stable")
+        for start in range(0, len(encodings), batch_size):
+            rows = order[start : start + batch_size]
+            pooled, hidden = session.run([OUTPUT_NAME, STATES_OUTPUT], self._feeds([encodings[i] for i in rows],
+                                                                                 int(lengths[rows].max())))
+            vectors[rows] = pooled
+            for position, row in enumerate(rows):
+                states[row] = hidden[position, : lengths[row]].astype(dtype)  # (n_tokens, dim), a copy
+        return EncodedStates(vectors=vectors, truncated=truncated, states=states)
+
+    def _states_session(self, layer: int) -> ort.InferenceSession:
+        if layer not in self._states_sessions:
+            path = self.path / states_file(layer)
+            if not path.is_file():
+                raise EwError(
+                    f"model artifact {self.path} has no token-state graph for layer {layer} ({path.name}); "
+                    f"`ew ingest FILE --model {self.key} --token-states {layer}` exports it (it needs the model's "
+                    "weights once)"
+                )
+            try:
+                session = open_session(path, threads=self.threads)
+            except Exception as error:  # onnxruntime raises its own non-EwError types
+                raise ArtifactError(self.path, f"{path.name} cannot be loaded ({error})") from error
+            _check_graph(self.path, path.name, session, self.card, [OUTPUT_NAME, STATES_OUTPUT])
+            self._states_sessions[layer] = session
+        return self._states_sessions[layer]
+
     def _tokenize(self, texts: Sequence[str]) -> tuple[list, np.ndarray, np.ndarray]:
         encodings = self._tokenizer.encode_batch(list(texts))
         lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(encodings))
@@ -124,6 +167,10 @@ class Encoder:
         return encodings, lengths, truncated
 
     def _run(self, encodings: list, width: int) -> np.ndarray:
+        (pooled,) = self._session.run([OUTPUT_NAME], self._feeds(encodings, width))
+        return pooled  # (B, num_layers + 1, dim)
+
+    def _feeds(self, encodings: list, width: int) -> dict[str, np.ndarray]:
         ids = np.full((len(encodings), width), self._pad_id, dtype=np.int64)  # (B, T)
         mask = np.zeros((len(encodings), width), dtype=np.int64)
         types = np.zeros((len(encodings), width), dtype=np.int64)
@@ -133,5 +180,15 @@ class Encoder:
             mask[row, :n] = 1
             types[row, :n] = encoding.type_ids
         feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
-        (pooled,) = self._session.run([OUTPUT_NAME], {name: feeds[name] for name in self._input_names})
-        return pooled  # (B, num_layers + 1, dim)
+        return {name: feeds[name] for name in self._input_names}
+
+
+def _check_graph(artifact_dir: Path, name: str, session: ort.InferenceSession, card: ModelCard, outputs: list[str]) -> None:
+    graph_inputs = [i.name for i in session.get_inputs()]
+    graph_outputs = [o.name for o in session.get_outputs()]
+    if sorted(graph_inputs) != sorted(card.input_names) or not set(graph_inputs) <= set(INPUT_NAMES) or graph_outputs != outputs:
+        raise ArtifactError(
+            artifact_dir,
+            f"{name} takes {graph_inputs} and returns {graph_outputs}, "
+            f"but {CARD_FILE} says {list(card.input_names)} -> {outputs}",
+        )

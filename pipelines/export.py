@@ -4,7 +4,12 @@ The graph takes ``input_ids``, ``attention_mask`` (and ``token_type_ids`` when t
 them), int64 ``[batch, sequence]``, and returns ``pooled``: float32 ``[batch, num_layers + 1, dim]``,
 layer 0 being the embedding output. The export is checked against torch before it is kept.
 
-torch and transformers are imported only when :func:`export_model` runs: inference never needs them.
+:func:`export_states` adds, on first need, ``states-K.onnx`` to an artifact: the same pooled
+vectors plus layer K's hidden state of every token (``states``, float32 ``[batch, sequence, dim]``),
+checked against torch and against ``model.onnx``; and a copy of the encoder's own weights in
+``torch/``, from which training builds the layers above K without the original model installed.
+
+torch and transformers are imported only when an export runs: inference never needs them.
 
 >>> report = export_model(resolve_model("minilm"), Path("artifacts/minilm"))   # doctest: +SKIP
 >>> report.max_abs_diff < report.tolerance                                     # doctest: +SKIP
@@ -21,13 +26,17 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-from pipelines.artifacts import CARD_FILE, INPUT_NAMES, MODEL_FILE, OUTPUT_NAME, TOKENIZER_FILE, ModelCard
+from pipelines.artifacts import (
+    CARD_FILE, INPUT_NAMES, MODEL_FILE, OUTPUT_NAME, STATES_OUTPUT, TOKENIZER_FILE, TORCH_DIR, ModelCard, StatesCard,
+    StatesGraph, states_file,
+)
 from pipelines.encoder import Encoder, usable_cores
 from pipelines.models import EXPORT_FORMAT, ModelSource
 from warehouse.errors import EwError, first_line
@@ -97,20 +106,9 @@ def export_model(source: ModelSource, dest: Path, *, tolerance: float = 1e-4) ->
 
 def _build(source: ModelSource, build: Path, *, tolerance: float, torch, transformers, started: float) -> ModelCard:
     try:
-        transformers.logging.disable_progress_bar()  # a progress bar per export is noise in the CLI
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(source.path), use_fast=True)
-        if not tokenizer.is_fast:
-            raise ExportError(f"{source.name} has no fast tokenizer: ew tokenizes with the `tokenizers` library")
+        tokenizer, model, input_names, model_inputs = _load_torch_model(source, torch, transformers)
         _save_backend_tokenizer(tokenizer, build / TOKENIZER_FILE)
-        # Eager attention exports as plain MatMul/Softmax, the pattern onnxruntime's optimizer fuses.
-        model = transformers.AutoModel.from_pretrained(str(source.path), attn_implementation="eager", dtype=torch.float32)
-        model.eval()
-        input_names = [n for n in INPUT_NAMES if n in inspect.signature(model.forward).parameters]
         pooled_layers = _pooled_layers(torch, model, source.pooling)
-
-        def model_inputs(texts):
-            batch = tokenizer(list(texts), padding=True, truncation=True, max_length=source.max_length, return_tensors="pt")
-            return batch, tuple(batch[n] if n in batch else torch.zeros_like(batch["input_ids"]) for n in input_names)
 
         batch, inputs = model_inputs(SAMPLE_TEXTS)
         with torch.inference_mode():
@@ -123,21 +121,7 @@ def _build(source: ModelSource, build: Path, *, tolerance: float, torch, transfo
         _check_tokenizer(build / TOKENIZER_FILE, batch, source)
 
         raw = build / "raw.onnx"
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # tracer warnings about Python control flow in transformers
-            # Traced on a smaller batch than the check below, so the check proves the axes are dynamic.
-            torch.onnx.export(
-                pooled_layers,
-                model_inputs(SAMPLE_TEXTS[:2])[1],
-                str(raw),
-                input_names=input_names,
-                output_names=[OUTPUT_NAME],
-                dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in input_names}, OUTPUT_NAME: {0: "batch"}},
-                opset_version=OPSET,
-                do_constant_folding=True,
-                # The legacy exporter needs no onnxscript and is several times faster than dynamo here.
-                dynamo=False,
-            )
+        _to_onnx(torch, pooled_layers, model_inputs, raw, input_names, {OUTPUT_NAME: {0: "batch"}})
         fused = build / "fused.onnx"
         candidates = [fused, raw] if _fuse(raw, fused, source) else [raw]
     except EwError:
@@ -149,7 +133,15 @@ def _build(source: ModelSource, build: Path, *, tolerance: float, torch, transfo
         ) from error
 
     card = _card(source, input_names, pad_token_id=tokenizer.pad_token_id, torch=torch, transformers=transformers)
-    kept, max_abs_diff = _keep_first_within_tolerance(candidates, build, card, expected, tolerance, source)
+
+    def encode_samples(candidate: Path) -> float:
+        os.replace(candidate, build / MODEL_FILE)
+        card.save(build)
+        encoder = Encoder.load(build, threads=usable_cores())
+        vectors = encoder.encode(list(SAMPLE_TEXTS), batch_size=len(SAMPLE_TEXTS)).vectors  # one padded batch
+        return float(np.abs(vectors - expected).max())
+
+    kept, max_abs_diff = _keep_first_within_tolerance(candidates, encode_samples, tolerance, source)
     for leftover in (raw, fused):
         leftover.unlink(missing_ok=True)
     card = dataclasses.replace(
@@ -166,17 +158,155 @@ def _build(source: ModelSource, build: Path, *, tolerance: float, torch, transfo
     return card
 
 
+def export_states(source: ModelSource, artifact: Path, *, layer: int, tolerance: float = 1e-4) -> StatesGraph:
+    """Add ``states-<layer>.onnx`` and the ``torch/`` weights to the artifact of ``source``; reuse them when there.
+
+    The graph is verified through :meth:`Encoder.encode_states` on the sample texts: its pooled
+    vectors and its states of every real token (padding excluded) against torch, and its pooled
+    vectors against ``model.onnx``'s, all within ``tolerance``; otherwise ExportError and the
+    artifact stays as it was. Files appear whole (built beside, renamed into place);
+    ``states.json`` is written last, so a graph it does not list is never trusted.
+
+    >>> export_states(resolve_model("minilm"), artifact, layer=4).max_abs_diff   # doctest: +SKIP
+    3.1e-06
+    """
+    artifact = Path(artifact)
+    card = ModelCard.load(artifact)
+    if card.key != source.key:
+        raise ExportError(f"{artifact} holds model {card.key!r}, not {source.key!r}: token states need the same model")
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= card.num_layers:
+        raise ExportError(f"token states: layer {layer!r} does not exist; {card.key} has layers 0..{card.num_layers}")
+    if not tolerance >= 0:
+        raise ExportError(f"tolerance must be a number >= 0, got {tolerance!r}")
+    states_card = StatesCard.load(artifact)
+    if states_card is not None and layer in states_card.graphs and (artifact / states_file(layer)).is_file():
+        return states_card.graphs[layer]
+    torch, transformers = _train_modules()
+
+    started = time.perf_counter()
+    build = Path(tempfile.mkdtemp(prefix=f".states-{layer}.", suffix=".partial", dir=artifact))
+    try:
+        graph, weights = _build_states(source, artifact, build, layer=layer, tolerance=tolerance, torch=torch,
+                                       transformers=transformers, started=started)
+        if not (artifact / TORCH_DIR).is_dir():
+            os.rename(build / TORCH_DIR, artifact / TORCH_DIR)
+        os.replace(build / graph.file, artifact / graph.file)
+        known = states_card.graphs if states_card is not None else {}
+        StatesCard(weights=weights, graphs={**known, layer: graph}).save(artifact)
+    except OSError as error:
+        raise ExportError(f"could not write the token-state graph into {artifact}: {error}") from error
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+    return graph
+
+
+def _build_states(source: ModelSource, artifact: Path, build: Path, *, layer: int, tolerance: float, torch,
+                  transformers, started: float) -> tuple[StatesGraph, dict[str, str]]:
+    """Export, fuse and verify states-<layer>.onnx in ``build``, and copy the weights to ``build/torch``."""
+    try:
+        _, model, input_names, model_inputs = _load_torch_model(source, torch, transformers)
+        wrapped = _pooled_layers(torch, model, source.pooling, states_layer=layer)
+        batch, inputs = model_inputs(SAMPLE_TEXTS)
+        with torch.inference_mode():
+            expected_pooled, expected_states = (t.numpy() for t in wrapped(*inputs))  # (B, L+1, D), (B, T, D)
+        real = batch["attention_mask"].numpy().sum(axis=1)  # real tokens per sample text
+        weights = _copy_weights(source, model, build / TORCH_DIR)
+        raw = build / "raw.onnx"
+        _to_onnx(torch, wrapped, model_inputs, raw, input_names,
+                 {OUTPUT_NAME: {0: "batch"}, STATES_OUTPUT: {0: "batch", 1: "sequence"}})
+        fused = build / "fused.onnx"
+        candidates = [fused, raw] if _fuse(raw, fused, source) else [raw]
+    except EwError:
+        raise
+    except Exception as error:  # torch/transformers/onnx failures: report them as an export failure
+        raise ExportError(f"exporting layer {layer} token states of {source.name} to ONNX failed: {error}") from error
+
+    # The real inference path, on a view of the artifact whose states graph is the candidate.
+    for name in (CARD_FILE, TOKENIZER_FILE, MODEL_FILE):
+        (build / name).symlink_to(artifact / name)
+    samples = list(SAMPLE_TEXTS)
+    model_vectors = Encoder.load(artifact, threads=usable_cores()).encode(samples, batch_size=len(samples)).vectors
+    pooled_vs_model: list[float] = []
+
+    def max_diff(candidate: Path) -> float:
+        os.replace(candidate, build / states_file(layer))
+        encoded = Encoder.load(build, threads=usable_cores()).encode_states(samples, layer=layer, batch_size=len(samples))
+        pooled_vs_model.append(float(np.abs(encoded.vectors - model_vectors).max()))
+        diffs = [np.abs(encoded.vectors - expected_pooled).max(), pooled_vs_model[-1]]
+        for states, expected, n in zip(encoded.states, expected_states, real):
+            if states.shape != (n, source.dim):
+                raise ExportError(f"{states_file(layer)} returned {states.shape} states for a text of {n} tokens")
+            diffs.append(np.abs(states - expected[:n]).max())
+        return float(max(diffs))
+
+    kept, max_abs_diff = _keep_first_within_tolerance(candidates, max_diff, tolerance, source)
+    graph = StatesGraph(
+        layer=layer, max_abs_diff=max_abs_diff, pooled_vs_model=pooled_vs_model[-1], tolerance=tolerance,
+        fused=kept == fused, export_seconds=round(time.perf_counter() - started, 3),
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    return graph, weights
+
+
+def _copy_weights(source: ModelSource, model, dest: Path) -> dict[str, str]:
+    """config.json + model.safetensors of the encoder into ``dest``; their SHA-256 by file name.
+
+    The source's own files when it has a single model.safetensors (byte for byte what the model
+    key fingerprints); otherwise the loaded model saved as safetensors.
+    """
+    dest.mkdir()
+    if (source.path / "model.safetensors").is_file():
+        for name in ("config.json", "model.safetensors"):
+            shutil.copyfile(source.path / name, dest / name)
+    else:
+        model.save_pretrained(str(dest), safe_serialization=True, max_shard_size="1000GB")
+    return {path.name: file_digest(path) for path in sorted(dest.iterdir()) if path.is_file()}
+
+
+def _load_torch_model(source: ModelSource, torch, transformers):
+    """(tokenizer, eval model, its graph input names, texts -> (batch, positional inputs)) of ``source``."""
+    transformers.logging.disable_progress_bar()  # a progress bar per export is noise in the CLI
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(source.path), use_fast=True)
+    if not tokenizer.is_fast:
+        raise ExportError(f"{source.name} has no fast tokenizer: ew tokenizes with the `tokenizers` library")
+    # Eager attention exports as plain MatMul/Softmax, the pattern onnxruntime's optimizer fuses.
+    model = transformers.AutoModel.from_pretrained(str(source.path), attn_implementation="eager", dtype=torch.float32)
+    model.eval()
+    input_names = [n for n in INPUT_NAMES if n in inspect.signature(model.forward).parameters]
+
+    def model_inputs(texts):
+        batch = tokenizer(list(texts), padding=True, truncation=True, max_length=source.max_length, return_tensors="pt")
+        return batch, tuple(batch[n] if n in batch else torch.zeros_like(batch["input_ids"]) for n in input_names)
+
+    return tokenizer, model, input_names, model_inputs
+
+
+def _to_onnx(torch, module, model_inputs, path: Path, input_names: list[str], outputs: dict[str, dict]) -> None:
+    """Trace ``module`` to ``path``; ``outputs`` maps each output name to its dynamic axes."""
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer warnings about Python control flow in transformers
+        # Traced on a smaller batch than the checks, so the checks prove the axes are dynamic.
+        torch.onnx.export(
+            module,
+            model_inputs(SAMPLE_TEXTS[:2])[1],
+            str(path),
+            input_names=input_names,
+            output_names=list(outputs),
+            dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in input_names}, **outputs},
+            opset_version=OPSET,
+            do_constant_folding=True,
+            # The legacy exporter needs no onnxscript and is several times faster than dynamo here.
+            dynamo=False,
+        )
+
+
 def _keep_first_within_tolerance(
-    candidates: list[Path], build: Path, card: ModelCard, expected: np.ndarray, tolerance: float, source: ModelSource
+    candidates: list[Path], max_diff: Callable[[Path], float], tolerance: float, source: ModelSource
 ) -> tuple[Path, float]:
-    """Install each graph as model.onnx and encode the samples through the real inference path until one agrees with torch."""
+    """Try each graph through the real inference path (``max_diff`` installs it and measures it) until one agrees with torch."""
     diffs = []
     for candidate in candidates:
-        os.replace(candidate, build / MODEL_FILE)
-        card.save(build)
-        encoder = Encoder.load(build, threads=usable_cores())
-        vectors = encoder.encode(list(SAMPLE_TEXTS), batch_size=len(SAMPLE_TEXTS)).vectors  # one padded batch
-        diffs.append(float(np.abs(vectors - expected).max()))
+        diffs.append(max_diff(candidate))
         if diffs[-1] <= tolerance:
             return candidate, diffs[-1]
     raise ExportError(
@@ -185,8 +315,9 @@ def _keep_first_within_tolerance(
     )
 
 
-def _pooled_layers(torch, model, pooling: str):
-    """Wrap ``model`` so that one positional call returns (B, num_layers + 1, dim) pooled vectors.
+def _pooled_layers(torch, model, pooling: str, states_layer: int | None = None):
+    """Wrap ``model`` so that one positional call returns (B, num_layers + 1, dim) pooled vectors,
+    and with ``states_layer`` also that layer's hidden states (B, T, dim).
 
     Positional, because the legacy exporter passes inputs positionally and BertModel.forward's
     positional order is not (input_ids, attention_mask, token_type_ids).
@@ -202,10 +333,14 @@ def _pooled_layers(torch, model, pooling: str):
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **extra)
             hidden = torch.stack(out.hidden_states, dim=1)  # (B, L+1, T, D)
             if pooling == "cls":
-                return hidden[:, :, 0]
-            # Exactly sentence-transformers' mean pooling: masked sum / clamped token count.
-            mask = attention_mask.to(hidden.dtype)[:, None, :, None]  # (B, 1, T, 1)
-            return (hidden * mask).sum(dim=2) / torch.clamp(mask.sum(dim=2), min=1e-9)
+                pooled = hidden[:, :, 0]
+            else:
+                # Exactly sentence-transformers' mean pooling: masked sum / clamped token count.
+                mask = attention_mask.to(hidden.dtype)[:, None, :, None]  # (B, 1, T, 1)
+                pooled = (hidden * mask).sum(dim=2) / torch.clamp(mask.sum(dim=2), min=1e-9)
+            if states_layer is None:
+                return pooled
+            return pooled, out.hidden_states[states_layer]  # (B, T, D), padding included
 
     return PooledLayers().eval()
 

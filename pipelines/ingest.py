@@ -7,6 +7,10 @@ A document is keyed by ``doc_hash``; an embedding by (doc_hash, model key, layer
 Before encoding, every key already stored is skipped, and identical texts are encoded once.
 Each chunk is committed as one warehouse version, so an interrupted ingest keeps what it
 committed and a rerun continues from there.
+
+With ``token_states=K`` every document's layer-K token states are cached too, once, in the
+``token_states`` table (keyed by doc_hash, model, layer, precision), committed in the same
+version as the chunk's vectors.
 """
 from __future__ import annotations
 
@@ -27,14 +31,18 @@ from warehouse.store import now_utc
 from warehouse.tables import DOCUMENTS, TIMESTAMP
 
 from .corpus import FieldTypes, Record, check_corpus_name, corpus_name, count_lines, read_corpus
-from .embedding import EmbeddingService
+from .embedding import EmbeddingService, TokenStates
 from .progress import Progress
-from .registry import prepare_model
+from .registry import prepare_model, prepare_states
 from .rejects import Rejects, check_on_error
 
 DEFAULT_CHUNK = 4096
 # Changed records are written this many at a time: each write rewrites the corpus's partition.
 UPDATE_BATCH = 50_000
+# With token states a chunk holds at most this many records: ~70 MB of fp16 states for MiniLM
+# at ~100 tokens a document (worst case, 256 tokens: ~200 MB), and only one chunk's states are
+# ever in memory (the next chunk is encoded after the previous one is committed).
+STATES_CHUNK = 1024
 
 
 @dataclass(frozen=True)
@@ -56,10 +64,20 @@ class IngestResult:
     version: int | None     # the warehouse version after the run
     exported: bool          # the model was exported to ONNX by this run
     rejects_file: str | None
+    token_states: int | None = None   # the layer whose token states were cached, if asked
+    state_precision: str | None = None
+    states_cached: int = 0            # documents whose token states this run stored
+    states_bytes: int = 0             # bytes of those states (n_tokens x dim x value size, summed)
+
+    @property
+    def states_bytes_per_document(self) -> float:
+        """What the cache costs per document cached by this run (mean; 0 when none)."""
+        return self.states_bytes / self.states_cached if self.states_cached else 0.0
 
     def to_dict(self) -> dict:
         data = asdict(self)
         data["layers"] = list(self.layers)
+        data["states_bytes_per_document"] = round(self.states_bytes_per_document, 1)
         return data
 
 
@@ -142,12 +160,21 @@ def ingest(
     rejects_file: Path | None = None,
     threads: int | None = None,
     progress: bool | None = None,
+    token_states: int | None = None,
+    state_precision: str = "fp16",
 ) -> IngestResult:
-    """Ingest the JSONL corpus at ``path`` with ``model``; see the module docstring."""
+    """Ingest the JSONL corpus at ``path`` with ``model``; see the module docstring.
+
+    ``token_states`` (a layer, 0 = embedding output) also caches that layer's token states,
+    stored as ``state_precision`` ("fp16" or "fp32").
+    """
     started = time.perf_counter()
     check_on_error(on_error)
     if batch_size < 1 or chunk_size < 1:
         raise EwError("--batch-size and the chunk size must be at least 1")
+    if token_states is not None:
+        TokenStates(token_states, state_precision)  # a bad precision fails before any work
+        chunk_size = min(chunk_size, STATES_CHUNK)
     path = Path(path)
     if not path.is_file():
         raise EwError(f"corpus file {path} does not exist or is not a file")
@@ -159,7 +186,12 @@ def ingest(
     with rejects, warehouse.writer() as writer:
         prepared = prepare_model(writer, model, pooling=pooling, max_length=max_length)
         wanted_layers = parse_layers(layers, prepared.card.num_layers)
-        service = EmbeddingService(writer, prepared, layers=wanted_layers, batch_size=batch_size, threads=threads)
+        states = None
+        if token_states is not None:
+            prepare_states(prepared, layer=token_states, name=model)
+            states = TokenStates(token_states, state_precision)
+        service = EmbeddingService(writer, prepared, layers=wanted_layers, batch_size=batch_size, threads=threads,
+                                   states=states)
         run = _CorpusRun(writer, service, corpus=corpus)
         show = Progress(f"ingest {corpus}", enabled=progress)
         if show.enabled:
@@ -189,6 +221,10 @@ def ingest(
         version=warehouse.latest_version(),
         exported=prepared.exported,
         rejects_file=str(rejects.path) if rejects.count else None,
+        token_states=token_states,
+        state_precision=state_precision if token_states is not None else None,
+        states_cached=run.states_cached,
+        states_bytes=run.states_bytes,
     )
 
 
@@ -202,6 +238,7 @@ class _ChunkWork:
     embeddings: pa.Table
     documents: pa.Table
     detail: dict
+    states: pa.Table
 
 
 class _CorpusRun:
@@ -218,12 +255,17 @@ class _CorpusRun:
         self.seen_ids: set[str] = set()
         self.read = self.new_documents = self.updated_documents = 0
         self.embedded = self.reused = self.duplicates = self.truncated = self.duplicate_ids = 0
+        self.states_cached = self.states_bytes = 0
 
     def all_chunks(self, chunks: Iterable[list[Record]], field_types: FieldTypes, show: Progress) -> None:
         """Prepare each chunk while the previous one commits (one version per chunk)."""
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ew-commit") as committer:
             pending: Future | None = None
+            work: _ChunkWork | None = None
             for chunk in chunks:
+                if pending is not None and self.service.states is not None:
+                    pending.result()  # token states: one chunk's in memory at a time, not two
+                    pending = work = None
                 work = self.prepare_chunk(chunk, field_types, show)
                 if pending is not None:
                     pending.result()
@@ -255,13 +297,15 @@ class _CorpusRun:
                 fresh[key] = record.text
         self.seen_texts.update(fresh)
         embedded = self.service.embed(list(fresh), list(fresh.values()), on_progress=show.advance)
-        show.advance(len(chunk) - embedded.embedded)
+        show.advance(len(chunk) - embedded.encoded)
         self.embedded += embedded.embedded
         self.reused += embedded.reused
         self.truncated += embedded.truncated
+        self.states_cached += embedded.states_cached
+        self.states_bytes += embedded.states_bytes
         new_rows = self._changed_records(records, keys)
         return self.work(embedded.rows, new_rows, field_types, lines=[chunk[0].line, chunk[-1].line],
-                         embedded=embedded.embedded)
+                         embedded=embedded.embedded, states=embedded.states, states_cached=embedded.states_cached)
 
     def _changed_records(self, records: list[Record], keys: list[str]) -> list[tuple[Record, str, str]]:
         """New records to append now; changed ones are gathered and written in batches."""
@@ -287,17 +331,22 @@ class _CorpusRun:
         updates, self.updates = list(self.updates.values()), {}
         return updates
 
-    def work(self, embeddings: pa.Table, rows: list, field_types: FieldTypes, *, lines: list[int], embedded: int) -> _ChunkWork | None:
+    def work(self, embeddings: pa.Table, rows: list, field_types: FieldTypes, *, lines: list[int], embedded: int,
+             states: pa.Table | None = None, states_cached: int = 0) -> _ChunkWork | None:
         documents = documents_rows(self.corpus, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], field_types)
-        if embeddings.num_rows == 0 and documents.num_rows == 0:
+        states = states if states is not None else pa.table({})
+        if embeddings.num_rows == 0 and documents.num_rows == 0 and states.num_rows == 0:
             return None
         detail = {"corpus": self.corpus, "model": self.service.model.key, "lines": lines, "embedded": embedded,
                   "documents": documents.num_rows}
-        return _ChunkWork(embeddings=embeddings, documents=documents, detail=detail)
+        if self.service.states is not None:
+            detail.update(token_states=self.service.states.layer, states_cached=states_cached)
+        return _ChunkWork(embeddings=embeddings, documents=documents, detail=detail, states=states)
 
     def commit_chunk(self, work: _ChunkWork) -> int:
-        # Embeddings first: a crash between the two leaves vectors a rerun reuses, never a
-        # document row that points at vectors that are not there.
+        # Token states and embeddings first: a crash between them leaves rows a rerun reuses,
+        # never a document row that points at vectors or states that are not there.
+        self.service.write_states(work.states)
         self.service.write(work.embeddings)
         self.writer.upsert_documents(work.documents)
         return self.writer.commit("ingest", work.detail)

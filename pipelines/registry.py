@@ -18,9 +18,9 @@ from warehouse.keys import slug
 from warehouse.store import now_utc
 from warehouse.tables import MODELS
 
-from .artifacts import CARD_FILE, ModelCard
+from .artifacts import CARD_FILE, ModelCard, StatesCard, StatesGraph, states_file
 from .errors import ModelNotFoundError, UnknownModelKeyError
-from .models import ALIASES, resolve_model
+from .models import ALIASES, ModelSource, resolve_model
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,42 @@ def prepare_model(
         writer.register_model(card.row(artifact=str(artifact.relative_to(warehouse.root)), created_at=now_utc()))
         writer.commit("register-model", {"model": card.key, "source": card.source, "max_abs_diff": card.max_abs_diff})
     return PreparedModel(card=card, artifact=artifact, exported=True)
+
+
+def prepare_states(prepared: PreparedModel, *, layer: int, name: str) -> StatesGraph:
+    """Make sure the artifact of ``prepared`` holds the layer-``layer`` token-state graph (under the write lock).
+
+    Exported on first need (torch, and the model's weights found from ``name``, the name the
+    user gave, or the card's own name); every later call only reads ``states.json``.
+    """
+    card = prepared.card
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= card.num_layers:
+        raise EwError(f"--token-states: layer {layer!r} does not exist; this model has layers 0..{card.num_layers}")
+    states = StatesCard.load(prepared.artifact)
+    if states is not None and layer in states.graphs and (prepared.artifact / states_file(layer)).is_file():
+        return states.graphs[layer]
+    from .export import export_states  # torch and transformers: only when a layer is cached the first time
+
+    return export_states(_source_of(card, name, layer), prepared.artifact, layer=layer)
+
+
+def _source_of(card: ModelCard, name: str, layer: int) -> ModelSource:
+    """The weights ``card`` was exported from, found on this machine, or an error saying how to provide them."""
+    tried = []
+    for candidate in dict.fromkeys([name, card.name]):
+        try:
+            source = resolve_model(candidate, pooling=card.pooling, max_length=card.max_length, precision=card.precision)
+        except ModelNotFoundError:
+            tried.append(candidate)
+            continue
+        if source.key == card.key:
+            return source
+        tried.append(f"{candidate} (other weights: {source.key})")
+    raise EwError(
+        f"caching layer {layer} token states of {card.key} exports its states graph once, from the model's own "
+        f"weights, which were not found (tried {', '.join(tried)}); pass --model with the model it was exported "
+        f"from ({card.source})"
+    )
 
 
 def model_row(warehouse: Warehouse, key: str, *, version: int | None = None) -> ModelRow:

@@ -82,6 +82,19 @@ def ingested(tmp_path_factory, tiny_bert_dir, labelled_corpus):
 
 
 @pytest.fixture(scope="session")
+def states_ingested(tmp_path_factory, tiny_bert_dir, labelled_corpus):
+    """The first 40 labelled documents ingested with layer-1 token states (fp16)."""
+    from pipelines.ingest import ingest
+    from warehouse import Warehouse
+
+    corpus = tmp_path_factory.mktemp("states-corpus") / "debian.jsonl"
+    corpus.write_text("".join(labelled_corpus.read_text(encoding="utf-8").splitlines(keepends=True)[:40]), encoding="utf-8")
+    wh = Warehouse.open(tmp_path_factory.mktemp("states-ingested") / "wh", create=True)
+    ingest(wh, corpus, model=str(tiny_bert_dir), token_states=1)
+    return wh
+
+
+@pytest.fixture(scope="session")
 def fitted(tmp_path_factory, ingested):
     """The ingested warehouse, copied, with one head trained on `section`."""
     from pipelines.fitting import fit_head

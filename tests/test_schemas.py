@@ -12,7 +12,9 @@ SCHEMAS = Path(__file__).resolve().parent.parent / "schemas"
 
 
 def arrow_name(kind: pa.DataType) -> str:
-    """The type as schemas/ spell it: list<float32>, timestamp[us, tz=UTC], int64, ..."""
+    """The type as schemas/ spell it: list<float32>, timestamp[us, tz=UTC], int64, binary, ..."""
+    if pa.types.is_large_binary(kind) or pa.types.is_binary_view(kind):
+        return "binary"
     if pa.types.is_list(kind) or pa.types.is_large_list(kind):
         return f"list<{arrow_name(kind.value_type)}>"
     if pa.types.is_timestamp(kind):
@@ -27,13 +29,16 @@ def plain(value):
         return value.isoformat()
     if isinstance(value, list) and value and all(isinstance(item, tuple) for item in value):
         return dict(value)  # an Arrow map reads as a list of (key, value) pairs
+    if isinstance(value, bytes):
+        return value.hex()  # JSON has no bytes: the schema describes binary columns as hex strings
     return value
 
 
-@pytest.mark.parametrize("table", ["documents", "embeddings", "models", "heads", "log"])
-def test_written_tables_match_their_schema(fitted, table):
+@pytest.mark.parametrize("table, warehouse", [(t, "fitted") for t in ("documents", "embeddings", "models", "heads", "log")]
+                         + [("token_states", "states_ingested")])
+def test_written_tables_match_their_schema(request, table, warehouse):
     schema = json.loads((SCHEMAS / f"{table}.schema.json").read_text())
-    delta = DeltaTable(str(fitted.root / table)).to_pyarrow_table()
+    delta = DeltaTable(str(request.getfixturevalue(warehouse).root / table)).to_pyarrow_table()
     assert delta.num_rows > 0
     for name, spec in schema["properties"].items():
         assert name in delta.column_names, name

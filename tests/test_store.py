@@ -133,7 +133,7 @@ def test_log_rows_pin_every_table_by_name(wh):
         w.upsert_documents(docs("1"))
         w.commit("ingest")
     [entry] = wh.log()
-    assert entry.pins == {"documents": 0, "embeddings": -1, "models": -1, "heads": -1}
+    assert entry.pins == {"documents": 0, "embeddings": -1, "models": -1, "heads": -1, "token_states": -1}
     assert wh.snapshot(0).table_versions == entry.pins
 
 

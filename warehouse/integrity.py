@@ -35,7 +35,7 @@ from .errors import StorageError, first_line
 from .keys import doc_hash
 from .query import connect
 from .store import Warehouse
-from .tables import DOCUMENTS, EMBEDDINGS, HEADS, LOG, MODELS, TABLES
+from .tables import DOCUMENTS, EMBEDDINGS, HEADS, LOG, MODELS, TABLES, TOKEN_STATES
 from .versions import Snapshot, snapshot_of
 from .versions import entries as log_entries
 
@@ -45,6 +45,7 @@ KEYS: dict[str, tuple[str, ...]] = {
     EMBEDDINGS: ("doc_hash", "model", "layer", "pooling"),
     MODELS: ("model",),
     HEADS: ("head",),
+    TOKEN_STATES: ("doc_hash", "model", "layer", "precision"),
 }
 EXAMPLES = 3  # rows quoted per finding of the deep checks
 RESTORE = "restore it from a backup of the warehouse"
@@ -300,6 +301,8 @@ class _TableCheck:
                 self.query(datasets, (DOCUMENTS,), self.document_hashes, con)
             if EMBEDDINGS in datasets and MODELS in datasets:
                 self.query(datasets, (EMBEDDINGS, MODELS), self.vectors, con)
+            if TOKEN_STATES in datasets and MODELS in datasets:
+                self.query(datasets, (TOKEN_STATES, MODELS), self.token_states, con)
         finally:
             con.close()
 
@@ -388,6 +391,21 @@ class _TableCheck:
             elif width != dim:
                 self.add("vector-width", f"{n:,} vectors {'are null' if width is None else f'have {width} values'}, "
                          f"the model's dim is {dim}", at, f"they were written outside ew: {RESTORE}")
+
+
+    def token_states(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Every states blob holds n_tokens x dim values of its precision, dim being its model's."""
+        bad = con.sql(
+            "select t.model, t.layer, count(*) as n from token_states t "
+            "left join (select model, any_value(dim) as dim from models group by model) m on t.model = m.model "
+            "where m.model is null or t.dim is distinct from m.dim or octet_length(t.states) is distinct from "
+            "t.n_tokens * t.dim * (case t.precision when 'fp16' then 2 when 'fp32' then 4 end) "
+            "group by all order by all"
+        ).fetchall()
+        for model, layer, n in bad:
+            self.add("state-width", f"{n:,} token-state rows whose size disagrees with n_tokens, dim and precision, "
+                     "or whose model is not registered", f"{self.storage.table_uri(TOKEN_STATES)} (model={model}, "
+                     f"layer={layer})", f"they were written outside ew: {RESTORE}")
 
 
 def _damaged_commits(storage, table: str, version: int | None) -> list[tuple[str, str]]:

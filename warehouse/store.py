@@ -29,7 +29,9 @@ from .catalog import HeadRow, ModelRow
 from .errors import EwError, StorageError, WarehouseNotFoundError, first_line
 from .query import QueryResult, run_query
 from .storage import LocalStorage
-from .tables import DOCUMENTS, EMBEDDINGS, HEADS, LOG, LOG_SCHEMA, MODELS, PARTITIONS, SCHEMAS, TABLES, delta_dataset
+from .tables import (
+    DOCUMENTS, EMBEDDINGS, HEADS, LOG, LOG_SCHEMA, MODELS, PARTITIONS, SCHEMAS, TABLES, TOKEN_STATES, delta_dataset,
+)
 from .versions import LogEntry, Snapshot, entries, snapshot_of
 
 DEFAULT_PATH = "ew-warehouse"
@@ -50,6 +52,16 @@ VECTOR_FILES = WriterProperties(
     compression="ZSTD", max_row_group_size=VECTOR_ROW_GROUP,
     default_column_properties=ColumnProperties(dictionary_enabled=False),
 )
+# Token states are ~70 KB a row (MiniLM, ~100 tokens, fp16): row groups of STATES_ROW_GROUP rows
+# (~18 MB) keep a streaming reader's unit small. No statistics on the blobs: their min/max
+# would only bloat the files and the Delta log.
+STATES_ROW_GROUP = 256
+STATES_FILES = WriterProperties(
+    compression="ZSTD", max_row_group_size=STATES_ROW_GROUP,
+    default_column_properties=ColumnProperties(dictionary_enabled=False),
+    column_properties={"states": ColumnProperties(dictionary_enabled=False, statistics_enabled="NONE")},
+)
+WRITER_PROPERTIES = {EMBEDDINGS: VECTOR_FILES, TOKEN_STATES: STATES_FILES}
 
 
 def default_path() -> Path:
@@ -265,14 +277,19 @@ class Writer:
             ) from None
 
     def _write(self, table: str, data: pa.Table) -> None:
-        self._delta_write(table, data, mode="append",
-                          writer_properties=VECTOR_FILES if table == EMBEDDINGS else None)
+        self._delta_write(table, data, mode="append", writer_properties=WRITER_PROPERTIES.get(table))
         self.rows_added += data.num_rows
 
     def append_embeddings(self, rows: pa.Table) -> int:
         """Append embedding rows (caller guarantees none is stored yet, under this lock)."""
         if rows.num_rows:
             self._write(EMBEDDINGS, rows.cast(SCHEMAS[EMBEDDINGS]))
+        return rows.num_rows
+
+    def append_token_states(self, rows: pa.Table) -> int:
+        """Append ``token_states`` rows (caller guarantees none is stored yet, under this lock)."""
+        if rows.num_rows:
+            self._write(TOKEN_STATES, rows.cast(SCHEMAS[TOKEN_STATES]))
         return rows.num_rows
 
     def upsert_documents(self, rows: pa.Table) -> int:
@@ -334,7 +351,7 @@ class Writer:
         log commit) in a ``recover`` version; returns that version, or None when all was pinned.
 
         Each table commit is complete on its own (Delta commits are atomic, and ingest writes
-        embeddings before the documents that use them), so adopting them is always consistent.
+        embeddings and token states before the documents that use them), so adopting them is always consistent.
         """
         pinned = self.warehouse.snapshot().table_versions
         current = self.warehouse.current_versions()

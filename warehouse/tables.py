@@ -5,6 +5,7 @@ Table names are part of the user contract: they are folder names on disk, view n
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -19,10 +20,11 @@ DOCUMENTS = "documents"
 EMBEDDINGS = "embeddings"
 MODELS = "models"
 HEADS = "heads"
+TOKEN_STATES = "token_states"
 LOG = "log"
 
 #: Tables a snapshot pins; ``log`` records their versions.
-TABLES: tuple[str, ...] = (DOCUMENTS, EMBEDDINGS, MODELS, HEADS)
+TABLES: tuple[str, ...] = (DOCUMENTS, EMBEDDINGS, MODELS, HEADS, TOKEN_STATES)
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 
@@ -50,6 +52,32 @@ EMBEDDINGS_SCHEMA = pa.schema(
         pa.field("embedding", pa.list_(pa.float32())),
     ]
 )
+
+#: Layer-K hidden states of every real token (no padding), one row per (doc_hash, model, layer,
+#: precision). ``states`` holds the row-major (n_tokens, dim) matrix as little-endian values of
+#: ``precision`` ("fp16": 2 bytes, "fp32": 4 bytes each): a plain binary column, because every
+#: reader decodes it without copying (a nested list of float16 is not a type Polars or DuckDB
+#: read). To get the matrix back:
+#:
+#:   NumPy/pyarrow: np.frombuffer(row["states"], "<f2").reshape(row["n_tokens"], row["dim"])
+#:   Polars:        for row in pl.read_delta("WH/token_states").iter_rows(named=True): the same frombuffer
+#:   DuckDB:        filter and aggregate in SQL (octet_length(states) = n_tokens * dim * 2),
+#:                  decode the BLOBs of the Arrow result with the same frombuffer
+#:
+#: (:func:`states_matrix` does it.)
+TOKEN_STATES_SCHEMA = pa.schema(
+    [
+        pa.field("doc_hash", pa.string()),
+        pa.field("model", pa.string()),
+        pa.field("layer", pa.int32()),
+        pa.field("precision", pa.string()),
+        pa.field("n_tokens", pa.int32()),
+        pa.field("dim", pa.int32()),
+        pa.field("states", pa.binary()),
+    ]
+)
+#: Precision name -> the NumPy dtype of the values in ``token_states.states``.
+STATE_DTYPES: dict[str, str] = {"fp16": "<f2", "fp32": "<f4"}
 
 MODELS_SCHEMA = pa.schema(
     [
@@ -107,6 +135,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     EMBEDDINGS: EMBEDDINGS_SCHEMA,
     MODELS: MODELS_SCHEMA,
     HEADS: HEADS_SCHEMA,
+    TOKEN_STATES: TOKEN_STATES_SCHEMA,
     LOG: LOG_SCHEMA,
 }
 
@@ -115,6 +144,7 @@ PARTITIONS: dict[str, list[str]] = {
     EMBEDDINGS: ["model", "layer"],
     MODELS: [],
     HEADS: [],
+    TOKEN_STATES: ["model", "layer"],
     LOG: [],
 }
 
@@ -124,6 +154,26 @@ def vector_column(matrix: np.ndarray) -> pa.ListArray:
     rows, dim = matrix.shape
     offsets = pa.array(np.arange(0, (rows + 1) * dim, dim, dtype=np.int32))
     return pa.ListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(matrix, dtype=np.float32).reshape(-1)))
+
+
+def states_column(states: Sequence[np.ndarray], precision: str) -> pa.BinaryArray:
+    """(n_i, dim) matrices -> the ``states`` column: each one's values as little-endian ``precision``.
+
+    One concatenation and one offsets array, so no per-row Python bytes objects are made.
+    """
+    dtype = np.dtype(STATE_DTYPES[precision])
+    sizes = np.fromiter((matrix.size * dtype.itemsize for matrix in states), dtype=np.int64, count=len(states))
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    if offsets[-1] >= 2**31:
+        raise ValueError(f"{offsets[-1]} bytes of states in one column: write fewer rows at a time")
+    data = np.concatenate([np.ascontiguousarray(m, dtype=dtype).reshape(-1) for m in states]) if states else np.empty(0, dtype)
+    return pa.Array.from_buffers(pa.binary(), len(states), [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(data)])
+
+
+def states_matrix(row: dict) -> np.ndarray:
+    """The (n_tokens, dim) matrix of one ``token_states`` row (a dict as pyarrow/Polars give it), read-only."""
+    dtype = STATE_DTYPES[row["precision"]]
+    return np.frombuffer(row["states"], dtype).reshape(row["n_tokens"], row["dim"])
 
 
 def delta_dataset(table: DeltaTable, storage: "LocalStorage", name: str) -> pads.Dataset:
