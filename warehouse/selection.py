@@ -1,4 +1,4 @@
-"""Which documents take part in a job, and which of them lack a vector.
+"""Which documents take part in a job, and which of them lack a vector or token states.
 
 A :class:`DocumentFilter` is the same SQL condition over ``documents`` for every job
 (fit-head's labelled rows, predict's ``--where``, the texts to embed first); the condition
@@ -71,15 +71,49 @@ def missing_vectors(
 
     With ``probe``, at most one row and no text: a cheap "is anything missing?".
     """
+    present = "SELECT doc_hash FROM embeddings WHERE model = ? AND layer = ? AND pooling = ?"
+    return _missing(datasets, documents=documents, present=present, present_params=[model, layer, pooling],
+                    batch_rows=batch_rows, probe=probe)
+
+
+def missing_states(
+    datasets: Mapping[str, pads.Dataset],
+    *,
+    documents: DocumentFilter,
+    model: str,
+    layer: int,
+    precision: str,
+    batch_rows: int = 4096,
+    probe: bool = False,
+) -> Iterator[pa.RecordBatch]:
+    """(doc_hash, text) batches of the documents in ``datasets`` without a ``token_states`` row of model/layer/precision.
+
+    A document whose states are cached in the other precision counts as missing. With
+    ``probe``, at most one row and no text.
+    """
+    present = "SELECT doc_hash FROM token_states WHERE model = ? AND layer = ? AND precision = ?"
+    return _missing(datasets, documents=documents, present=present, present_params=[model, layer, precision],
+                    batch_rows=batch_rows, probe=probe)
+
+
+def _missing(
+    datasets: Mapping[str, pads.Dataset],
+    *,
+    documents: DocumentFilter,
+    present: str,
+    present_params: list,
+    batch_rows: int,
+    probe: bool,
+) -> Iterator[pa.RecordBatch]:
+    """(doc_hash, text) batches of the filter's documents whose doc_hash the subquery ``present`` does not return."""
     documents.check(datasets[DOCUMENTS].schema.names)
     condition, params = documents.condition()
     columns, tail = ("doc_hash", "LIMIT 1") if probe else ("doc_hash, any_value(text) AS text", "GROUP BY doc_hash")
     con = connect(datasets, memory_limit=INTERNAL_MEMORY_LIMIT)
     try:
         reader = con.sql(
-            f"SELECT {columns} FROM documents WHERE {condition} AND doc_hash NOT IN "
-            f"(SELECT doc_hash FROM embeddings WHERE model = ? AND layer = ? AND pooling = ?) {tail}",
-            params=params + [model, layer, pooling],
+            f"SELECT {columns} FROM documents WHERE {condition} AND doc_hash NOT IN ({present}) {tail}",
+            params=params + present_params,
         ).to_arrow_reader(batch_rows)
         yield from reader
     except duckdb.Error as error:
