@@ -36,6 +36,21 @@ class _Group(click.Group):
             ctx.exit(130)
 
 
+class _LayerOrAuto(click.ParamType):
+    name = "K|auto"
+
+    def convert(self, value, param, ctx):
+        if value == "auto" or isinstance(value, int):
+            return value
+        try:
+            layer = int(value)
+        except ValueError:
+            self.fail(f"{value!r} is not a layer number or 'auto'", param, ctx)
+        if layer < 0:
+            self.fail(f"{value!r} is below 0", param, ctx)
+        return layer
+
+
 def _warehouse(ctx: click.Context, *, create: bool = False) -> Warehouse:
     return Warehouse.open(ctx.obj["warehouse"], create=create)
 
@@ -201,7 +216,7 @@ def models(ctx: click.Context, available: bool, version: int | None, as_json: bo
 @click.option("--where", help="Only documents matching this SQL condition on documents, e.g. \"priority = 'optional'\".")
 @click.option("--head", "kind", type=click.Choice(["mlp", "linear"]), default="mlp", show_default=True)
 @click.option("--hidden", type=click.IntRange(min=1), default=64, show_default=True, help="MLP hidden width.")
-@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True, help="At most; early stopping on validation loss.")
+@click.option("--epochs", type=click.IntRange(min=1), help="At most; early stopping on validation loss. Default: 30, or 3 with --from-layer.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=1e-5, show_default=True)
@@ -211,10 +226,15 @@ def models(ctx: click.Context, available: bool, version: int | None, as_json: bo
 @click.option("--name", help="Head name (default: LABEL-TIMESTAMP).")
 @click.option("--version", "version", type=click.IntRange(min=0), help="Train on this warehouse version (embeds nothing).")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: all usable cores).")
+@click.option("--from-layer", type=_LayerOrAuto(), help="Train the encoder layers above K too, on the cached layer-K token states (K, or auto).")
+@click.option("--tune", type=click.Choice(["top", "lora"]), default="top", show_default=True, help="With --from-layer: train every parameter of those layers, or LoRA adapters.")
+@click.option("--lora-rank", type=click.IntRange(min=1), default=4, show_default=True, help="With --tune lora.")
+@click.option("--state-precision", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True, help="With --from-layer: which cached states to read.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 @click.pass_context
 def fit_head(ctx: click.Context, as_json: bool, **options) -> None:
-    """Train a tiny classifier head on stored embeddings (embedding only what is missing).
+    """Train a tiny classifier head on stored embeddings (embedding only what is missing), or with
+    --from-layer K the layers above K as well, on cached token states.
 
     Example: ew fit-head --label section --model minilm
     """
@@ -224,10 +244,13 @@ def fit_head(ctx: click.Context, as_json: bool, **options) -> None:
     if as_json:
         click.echo(json.dumps(result.to_dict()))
         return
-    click.echo(
-        f"head {result.head}: {result.kind} on {result.model} layer {result.layer}, label {result.label!r} "
-        f"({len(result.classes)} classes)"
-    )
+    if result.layer_scores:
+        scores = ", ".join(f"layer {k}: {v:.4f}" for k, v in sorted(result.layer_scores.items()))
+        click.echo(f"--from-layer auto: validation accuracy after one epoch: {scores}; chose layer {result.from_layer}")
+    trained = (f"{result.kind} on {result.model} layer {result.layer}" if result.tune == "head" else
+               f"{result.tune} of the layers above {result.layer} of {result.model} + {result.kind} head "
+               f"({result.trainable_parameters:,} trainable parameters)")
+    click.echo(f"head {result.head}: {trained}, label {result.label!r} ({len(result.classes)} classes)")
     click.echo(
         f"rows: train {result.train:,}, val {result.val:,}, test {result.test:,}; missing label {result.missing_label:,}; "
         f"vectors reused {result.reused:,}, embedded {result.embedded:,}"
@@ -269,6 +292,23 @@ def heads(ctx: click.Context, version: int | None, as_json: bool) -> None:
                 f"{row.head:<32} {row.label:<12} {row.kind:<6} {row.model} layer {row.layer:<3} "
                 f"acc {row.accuracy:.4f} macro-F1 {row.macro_f1:.4f} ({len(row.classes)} classes, v{row.trained_on_version})"
             )
+
+
+@cli.command("export-head")
+@click.argument("head")
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The .onnx file to write (tokenizer.json goes beside it).")
+@click.pass_context
+def export_head(ctx: click.Context, head: str, output: Path) -> None:
+    """Write a head, of any kind, as one ONNX graph from token ids to class probabilities
+    (encoder + trained layers + head), checked against torch, with its tokenizer beside it.
+
+    Example: ew export-head section-20261122-101500-3f2a --output serve/section.onnx
+    """
+    from .head_export import export_registered_head
+
+    report = export_registered_head(_warehouse(ctx), head, output=output)
+    click.echo(f"wrote {report.path} ({report.onnx_bytes / 1e6:.1f} MB, {len(report.classes)} classes; max |onnx - torch| "
+               f"{report.max_abs_diff:.2g}) and {report.tokenizer}")
 
 
 @heads.command("rm")

@@ -29,8 +29,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from warehouse import Warehouse, Writer
-from warehouse.selection import DocumentFilter, missing_vectors
-from warehouse.errors import EwError
+from warehouse.errors import EwError, StorageError, first_line
+from warehouse.selection import DocumentFilter, missing_states, missing_vectors
 from warehouse.tables import EMBEDDINGS, STATE_DTYPES, TOKEN_STATES, states_column, vector_column
 
 from .registry import PreparedModel, open_model
@@ -74,7 +74,7 @@ class Plan:
         self.states = states
         self._stored: dict[int, set[str]] = {layer: set() for layer in self.layers}
         wanted = (pc.field("model") == model) & (pc.field("pooling") == pooling) & pc.field("layer").isin(self.layers)
-        for batch in dataset.to_batches(columns=["doc_hash", "layer"], filter=wanted):
+        for batch in _read_keys(dataset, ["doc_hash", "layer"], wanted, EMBEDDINGS):
             layer_column = batch.column("layer")
             for layer in pc.unique(layer_column).to_pylist():
                 self._stored[layer].update(batch.column("doc_hash").filter(pc.equal(layer_column, layer)).to_pylist())
@@ -82,7 +82,7 @@ class Plan:
         if states is not None and states_dataset is not None:
             cached = ((pc.field("model") == model) & (pc.field("layer") == states.layer)
                       & (pc.field("precision") == states.precision))
-            for batch in states_dataset.to_batches(columns=["doc_hash"], filter=cached):
+            for batch in _read_keys(states_dataset, ["doc_hash"], cached, TOKEN_STATES):
                 self._cached.update(batch.column("doc_hash").to_pylist())
 
     def missing(self, keys: Sequence[str]) -> list[list[int]]:
@@ -102,6 +102,15 @@ class Plan:
     def add_states(self, keys: Sequence[str]) -> None:
         """Record that ``keys`` now have their token states (written by this run)."""
         self._cached.update(keys)
+
+
+def _read_keys(dataset: pads.Dataset, columns: list[str], where, table: str) -> Iterator[pa.RecordBatch]:
+    """The key columns of a table, or one StorageError naming `ew verify` when a file is damaged."""
+    try:
+        yield from dataset.to_batches(columns=columns, filter=where)
+    except (OSError, pa.ArrowException) as error:
+        raise StorageError(f"cannot read the {table} table ({first_line(error)}); a data file is missing or "
+                           "damaged: run `ew verify` to see what is wrong") from None
 
 
 def encode_texts(
@@ -338,9 +347,30 @@ def ensure_vectors(
     return summary.embedded
 
 
-def _anything_missing(warehouse: Warehouse, documents: DocumentFilter, **key) -> bool:
-    probe: Iterator[pa.RecordBatch] = missing_vectors(warehouse.datasets(warehouse.snapshot()), documents=documents,
-                                                      probe=True, **key)
+def ensure_states(
+    warehouse: Warehouse,
+    documents: DocumentFilter,
+    *,
+    model_key: str,
+    layer: int,
+    precision: str = "fp16",
+    threads: int | None = None,
+    operation: str = "embed",
+) -> int:
+    """Cache the layer-``layer`` token states of the stored documents matching ``documents`` that lack them; returns how many."""
+    if not _anything_missing(warehouse, documents, missing_states, model=model_key, layer=layer, precision=precision):
+        return 0
+    with warehouse.writer() as writer:
+        datasets = warehouse.datasets(warehouse.snapshot())
+        batches = missing_states(datasets, documents=documents, model=model_key, layer=layer, precision=precision)
+        summary = embed_missing(writer, batches, model=open_model(warehouse, model_key), layers=[], threads=threads,
+                                operation=operation, states=TokenStates(layer=layer, precision=precision))
+    return summary.states_cached
+
+
+def _anything_missing(warehouse: Warehouse, documents: DocumentFilter, select=missing_vectors, **key) -> bool:
+    probe: Iterator[pa.RecordBatch] = select(warehouse.datasets(warehouse.snapshot()), documents=documents,
+                                             probe=True, **key)
     try:
         return any(batch.num_rows for batch in probe)
     finally:

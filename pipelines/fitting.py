@@ -14,7 +14,7 @@ import importlib.util
 import math
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from warehouse import Warehouse
@@ -28,8 +28,11 @@ from .errors import HeadError, MissingDependencyError
 from .head_catalog import check_head_name, check_name_free, default_head_name, store_head
 from .heads import HeadCard
 from .registry import find_model
+from .tuning import StatesPlan, Trained, train_on_states
 
 EVAL_BATCH = 1024
+DEFAULT_EPOCHS = 30
+DEFAULT_TUNE_EPOCHS = 3
 
 
 @dataclass(frozen=True)
@@ -49,19 +52,24 @@ class FitResult:
     val: int
     test: int
     missing_label: int
-    no_vector: int                 # labelled texts left out: no vector at this version (only with --version)
+    no_vector: int                 # labelled texts left out: no vector (or states) at this version (only with --version)
     rare_classes: tuple[str, ...]  # too few examples to appear in every split
-    reused: int                    # distinct labelled texts whose vectors were stored already
-    embedded: int                  # distinct labelled texts embedded first by this run
+    reused: int                    # distinct labelled texts whose vectors (or states) were stored already
+    embedded: int                  # distinct labelled texts embedded (or whose states were cached) first by this run
     epochs: int
     best_epoch: int
     train_seconds: float
     seconds: float
     version: int                   # the warehouse version the head was trained on
     metrics: dict
+    tune: str = "head"             # "head": on pooled vectors; "top" / "lora": layers above from_layer too
+    from_layer: int | None = None  # K, for top / lora
+    trainable_parameters: int = 0
+    layer_scores: dict = field(default_factory=dict)  # --from-layer auto: validation accuracy per cached layer
 
     @classmethod
-    def of(cls, card: HeadCard, *, path: Path, report: Path, reused: int, embedded: int, seconds: float) -> "FitResult":
+    def of(cls, card: HeadCard, *, path: Path, report: Path, reused: int, embedded: int, seconds: float,
+           layer_scores: dict | None = None) -> "FitResult":
         """The result of a run that stored ``card``: the card's facts plus what the run itself did."""
         return cls(
             head=card.name, path=str(path), report=str(report), model=card.model, layer=card.layer,
@@ -70,7 +78,8 @@ class FitResult:
             test=card.rows["test"], missing_label=card.missing_label, no_vector=card.no_vector,
             rare_classes=card.rare_classes, reused=reused, embedded=embedded, epochs=len(card.history),
             best_epoch=card.best_epoch, train_seconds=card.train_seconds, seconds=round(seconds, 3),
-            version=card.trained_on_version, metrics=card.metrics,
+            version=card.trained_on_version, metrics=card.metrics, tune=card.tune, from_layer=card.from_layer,
+            trainable_parameters=card.parameters, layer_scores=dict(layer_scores or {}),
         )
 
     def to_dict(self) -> dict:
@@ -91,7 +100,7 @@ def fit_head(
     where: str | None = None,
     kind: str = "mlp",
     hidden: int = 64,
-    epochs: int = 30,
+    epochs: int | None = None,
     batch_size: int = 64,
     lr: float = 1e-3,
     weight_decay: float = 1e-5,
@@ -102,11 +111,18 @@ def fit_head(
     threads: int | None = None,
     memory_limit: str = INTERNAL_MEMORY_LIMIT,
     version: int | None = None,
+    from_layer: int | str | None = None,
+    tune: str = "top",
+    lora_rank: int = 4,
+    state_precision: str = "fp16",
 ) -> FitResult:
     """Train a head predicting ``label`` from the stored vectors of one model and layer.
 
     With ``version``, trains on that pinned warehouse version and embeds nothing; by default
     it reads the latest version after embedding the labelled documents that lack vectors.
+    With ``from_layer`` (K, or "auto"), trains the encoder layers above K (``tune`` "top", or
+    "lora" adapters of rank ``lora_rank``) and the head on the cached layer-K token states
+    instead: see :mod:`pipelines.tuning`.
     """
     started = time.perf_counter()
     from .heads import require_torch
@@ -126,37 +142,57 @@ def fit_head(
         raise EwError(f"--layer {layer} does not exist; model {row.model} has layers 0..{row.num_layers}")
     name = check_head_name(name or default_head_name(label))
     check_name_free(warehouse, name)
+    # Above layer K an epoch is real encoder work and a few epochs suffice; a plain head is cheap.
+    epochs = epochs or (DEFAULT_EPOCHS if from_layer is None else DEFAULT_TUNE_EPOCHS)
     config = TrainConfig(kind=kind, hidden=hidden, epochs=epochs, batch_size=batch_size, lr=lr,
                          weight_decay=weight_decay, seed=seed, patience=patience)
 
     documents = DocumentFilter(label=label, corpus=corpus, where=where)
+    if from_layer is None:
+        trained = _train_on_vectors(warehouse, row=row, name=name, layer=layer, documents=documents, spec=spec,
+                                    config=config, threads=threads, memory_limit=memory_limit, version=version)
+    else:
+        plan = StatesPlan(from_layer=from_layer, tune=tune, lora_rank=lora_rank, precision=state_precision)
+        trained = train_on_states(warehouse, row=row, name=name, documents=documents, spec=spec, config=config,
+                                  plan=plan, check=_check_splits, threads=threads, memory_limit=memory_limit,
+                                  version=version)
+    card, directory = store_head(warehouse, replace(trained.card, created_at=now_utc().isoformat()), trained.write)
+    what = f"layer {card.layer}" if card.tune == "head" else f"{card.tune} above layer {card.layer}"
+    report = write_report(directory / "report.png", history=trained.history, metrics=trained.metrics,
+                          title=f"{name}: {label} from {row.model} {what}")
+    return FitResult.of(card, path=directory, report=report, reused=trained.documents - trained.embedded,
+                        embedded=trained.embedded, seconds=time.perf_counter() - started,
+                        layer_scores=trained.layer_scores)
+
+
+def _train_on_vectors(warehouse: Warehouse, *, row, name: str, layer: int, documents: DocumentFilter,
+                      spec: SplitSpec, config, threads: int | None, memory_limit: str, version: int | None) -> Trained:
+    """A plain head on the stored pooled vectors of ``layer`` (embedding the labelled texts that lack one first)."""
+    from .heads import save_head
+
     embedded = 0
     if version is None:
         embedded = ensure_vectors(warehouse, documents, model_key=row.model, layer=layer, pooling=row.pooling,
                                   threads=threads, operation="embed-for-head")
-
     with _one_torch_thread(), LabelledVectors(warehouse, model=row.model, layer=layer, pooling=row.pooling,
                                               documents=documents, spec=spec, memory_limit=memory_limit,
                                               threads=threads, version=version) as data:
         stats = data.assemble()
-        _check_splits(stats, label)
+        _check_splits(stats, documents.label)
         trained, metrics, train_seconds = _train_and_test(data, stats, config)
     # DuckDB's copy of the vectors is closed, and its memory handed back, before the report is drawn.
     card = HeadCard(
         name=name, config=trained.config, classes=stats.classes, model=row.model, layer=layer, pooling=row.pooling,
-        label=label, trained_on_version=stats.version, model_source=row.source, corpus=corpus, where=where,
-        split={"train": spec.train, "val": spec.val, "test": spec.test, "seed": spec.seed,
-               "rule": "int(sha256(f'{seed}:{doc_hash}')[:8], 16) % 10000"},
+        label=documents.label, trained_on_version=stats.version, model_source=row.source, corpus=documents.corpus,
+        where=documents.where, split={"train": spec.train, "val": spec.val, "test": spec.test, "seed": spec.seed,
+                                      "rule": "int(sha256(f'{seed}:{doc_hash}')[:8], 16) % 10000"},
         rows=dict(stats.counts), missing_label=stats.missing_label, no_vector=stats.no_vector,
         rare_classes=stats.rare_classes, hyperparameters=asdict(config),
         history=tuple(asdict(epoch) for epoch in trained.history), best_epoch=trained.best_epoch,
-        metrics=metrics.to_dict(), train_seconds=round(train_seconds, 3), created_at=now_utc().isoformat(),
+        metrics=metrics.to_dict(), train_seconds=round(train_seconds, 3),
     )
-    card, directory = store_head(warehouse, trained.module, card)
-    report = write_report(directory / "report.png", history=trained.history, metrics=metrics,
-                          title=f"{name}: {label} from {row.model} layer {layer}")
-    return FitResult.of(card, path=directory, report=report, reused=stats.documents - embedded, embedded=embedded,
-                        seconds=time.perf_counter() - started)
+    return Trained(card=card, write=lambda directory, c: save_head(directory, trained.module, c),
+                    history=trained.history, metrics=metrics, documents=stats.documents, embedded=embedded)
 
 
 def _train_and_test(data: LabelledVectors, stats: SplitStats, config):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 import secrets
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from warehouse import Warehouse
@@ -22,7 +23,8 @@ from warehouse.store import now_utc
 from warehouse.tables import HEADS
 
 from .errors import HeadError
-from .heads import HeadCard, LoadedHead, load_head, save_head
+from .artifacts import TORCH_DIR
+from .heads import HeadCard, LoadedHead, load_head
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -68,9 +70,21 @@ def open_head(warehouse: Warehouse, name: str) -> LoadedHead:
     return load_registered(warehouse, find_head(warehouse, name))
 
 
-def load_registered(warehouse: Warehouse, row: HeadRow) -> LoadedHead:
-    """Load the files of the head ``row`` registers (load_head checks their digests) and check they are that head."""
-    head = load_head(warehouse.root / row.artifact)
+def load_registered(warehouse: Warehouse, row: HeadRow):
+    """Load the files of the head ``row`` registers (their digests are checked) and check they are that head.
+
+    A plain head comes back as a :class:`LoadedHead` (NumPy); one trained above layer K
+    (``--tune top|lora``) as a :class:`pipelines.recycling.TopHead` on its model's weights.
+    """
+    if _row_card(row).get("tune", "head") == "head":
+        head = load_head(warehouse.root / row.artifact)
+    else:
+        from .recycling import load_top_head
+
+        model = next((m for m in warehouse.models() if m.model == row.model), None)
+        if model is None:
+            raise HeadError(f"head {row.head!r} reads model {row.model}, which is not registered here")
+        head = load_top_head(warehouse.root / row.artifact, weights_dir=warehouse.root / model.artifact / TORCH_DIR)
     card = head.card
     if (card.name, card.model, card.layer, card.pooling) != (row.head, row.model, row.layer, row.pooling):
         raise HeadError(
@@ -93,21 +107,28 @@ def load_registered(warehouse: Warehouse, row: HeadRow) -> LoadedHead:
 
 
 def _registered_digest(row: HeadRow) -> str | None:
+    return _row_card(row).get("digest")
+
+
+def _row_card(row: HeadRow) -> dict:
     try:
-        return row.card_dict().get("digest")
-    except (ValueError, AttributeError):  # a card column that is not a JSON object: nothing to compare
-        return None
+        card = row.card_dict()
+    except (ValueError, TypeError):  # a card column that is not JSON: nothing to compare
+        return {}
+    return card if isinstance(card, dict) else {}
 
 
-def store_head(warehouse: Warehouse, module, card: HeadCard) -> tuple[HeadCard, Path]:
-    """Save the head's files in a directory of their own and register it in one commit; returns (card, directory).
+def store_head(warehouse: Warehouse, card: HeadCard,
+               write: Callable[[Path, HeadCard], HeadCard]) -> tuple[HeadCard, Path]:
+    """Write the head's files with ``write(directory, card)`` (e.g. :func:`save_head` of a module) in a
+    directory of their own and register it in one commit; returns (card as saved, directory).
 
     A head is stored whole or not at all, and a name taken meanwhile by another run is an
     error that leaves the other head alone.
     """
-    # A directory no other run can pick: save_head refuses an existing one, so this run owns it.
+    # A directory no other run can pick: writing refuses an existing one, so this run owns it.
     directory = warehouse.heads_dir() / f"{card.name}.{secrets.token_hex(4)}"
-    card = save_head(directory, module, card)
+    card = write(directory, card)
     row_written = False
     try:
         with warehouse.writer(wait=REGISTER_WAIT) as writer:

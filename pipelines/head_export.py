@@ -23,15 +23,46 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.artifacts import TOKENIZER_FILE, ModelCard
+from pipelines.artifacts import TOKENIZER_FILE, TORCH_DIR, ModelCard
 from pipelines.errors import ExportError, HeadError
+from warehouse.errors import EwError
 from pipelines.export import OPSET, SAMPLE_TEXTS
 from pipelines.heads import read_head_files
 from pipelines.recycling import torch_module, from_text
 from pipelines.top import build_lower
 
 OUTPUT_NAME = "probabilities"
-TORCH_DIR = "torch"  # ARTIFACT/torch/: config.json + model.safetensors, the base weights in Hugging Face format
+
+
+def export_registered_head(warehouse, name: str, *, output: Path, tolerance: float = 1e-4) -> "HeadExportReport":
+    """`ew export-head NAME --output FILE`: :func:`export_head` for a head of the warehouse's catalog.
+
+    The base weights come from the model artifact's ``torch/`` copy (made when token states
+    are first cached) or, for a plain head on a model without it, from the model's own
+    directory, found as at export (it must be the same weights: the model key says so).
+    """
+    from .head_catalog import find_head
+    from .models import resolve_model
+    from .registry import model_row
+
+    row = find_head(warehouse, name)
+    artifact = warehouse.root / model_row(warehouse, row.model).artifact
+    weights = artifact / TORCH_DIR
+    if not weights.is_dir():
+        card = ModelCard.load(artifact)
+        try:
+            source = resolve_model(card.name, pooling=card.pooling, max_length=card.max_length)
+        except EwError:
+            source = None
+        if source is None or source.key != card.key:
+            raise ExportError(
+                f"exporting head {name!r} needs the weights of {card.key} ({card.name}), which are not on this machine "
+                f"and not in {weights}; install the model, or cache its token states once "
+                f"(`ew ingest FILE --model DIR --token-states {card.num_layers}`), which copies them there"
+            )
+        weights = source.path
+    return export_head(warehouse.root / row.artifact, output, artifact_dir=artifact, weights_dir=weights,
+                       tolerance=tolerance)
 
 
 @dataclass(frozen=True)

@@ -85,6 +85,13 @@ def predict(
     if not isinstance(warehouse, Warehouse):
         warehouse = Warehouse.open(warehouse)
     loaded = open_head(warehouse, head)
+    if loaded.card.tune != "head":
+        from .top_prediction import predict_above_layer
+
+        return replace(predict_above_layer(warehouse, loaded, corpus_file=corpus_file, where=where, version=version,
+                                           output=output, text_field=text_field, id_field=id_field,
+                                           rejects_file=rejects_file, on_error=on_error, threads=threads),
+                       head=head, seconds=round(time.perf_counter() - started, 3))
     if corpus_file is not None:
         rejects = Rejects(corpus_file, rejects_file or output.with_name(output.name + ".rejects.jsonl"), on_error=on_error)
         lines = _Lines(corpus_file, text_field=text_field, id_field=id_field, rejects=rejects)
@@ -104,7 +111,8 @@ def _predict_file(warehouse: Warehouse, head: LoadedHead, lines: "_Lines", *, ou
                                 threads=threads, operation="embed-for-predict")
     snapshot = warehouse.snapshot()
     vectors = warehouse.dataset(EMBEDDINGS, snapshot)
-    rows = _write_predictions(lines.scored(vectors, model=model, layer=layer, pooling=pooling), head, output)
+    rows = _write_predictions(_vector_scores(lines.scored(vectors, model=model, layer=layer, pooling=pooling), head),
+                              classes=head.classes, label=head.card.label, output=output)
     rejects = lines.rejects
     return PredictResult(head="", output=str(output), rows=rows, embedded=summary.embedded,
                          reused=len(lines.distinct) - summary.embedded, rejected=rejects.count,
@@ -131,7 +139,8 @@ def _predict_stored(warehouse: Warehouse, head: LoadedHead, documents: DocumentF
             "USING (doc_hash) ORDER BY d.corpus, d.id",
             params=params + [model, layer, pooling],
         ).to_arrow_reader(CHUNK)
-        rows = _write_predictions(reader, head, output)
+        rows = _write_predictions(_vector_scores(reader, head), classes=head.classes, label=head.card.label,
+                                  output=output)
         distinct = con.execute(
             f"SELECT count(DISTINCT doc_hash) FROM documents WHERE {condition}", params
         ).fetchone()[0]
@@ -187,23 +196,26 @@ class _Lines:
             })
 
 
-def _write_predictions(batches, head: LoadedHead, output: Path) -> int:
-    """Stream (key columns..., embedding) batches to ``output`` with the head's predictions."""
-    classes = head.classes
-    label = head.card.label
+def _vector_scores(batches: Iterator[pa.RecordBatch], head: LoadedHead):
+    """(key columns, probabilities) for (key columns..., embedding) batches of a plain head."""
+    for batch in batches:
+        if batch.num_rows == 0:
+            continue
+        x = batch.column("embedding").flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+        keys = {name: batch.column(name) for name in batch.schema.names if name != "embedding"}
+        yield keys, head.predict_proba(x.reshape(batch.num_rows, -1))  # (B, C)
+
+
+def _write_predictions(scored, *, classes: list[str], label: str, output: Path) -> int:
+    """Stream (key columns, probabilities (B, C)) to ``output`` with the predicted class and every class's probability."""
     schema = None
     rows = 0
     with atomic_output(output, "wb") as handle:
         writer = None
         try:
-            for batch in batches:
-                if batch.num_rows == 0:
-                    continue
-                keys = [name for name in batch.schema.names if name != "embedding"]
-                x = batch.column("embedding").flatten().to_numpy(zero_copy_only=False).astype(np.float32)
-                probabilities = head.predict_proba(x.reshape(batch.num_rows, -1))  # (B, C)
+            for columns, probabilities in scored:
                 best = probabilities.argmax(axis=1)
-                columns = {name: batch.column(name) for name in keys}
+                columns = dict(columns)
                 columns[f"predicted_{label}"] = pa.array([classes[i] for i in best], pa.string())
                 columns["probability"] = pa.array(probabilities[np.arange(len(best)), best], pa.float32())
                 for c, name in enumerate(classes):
@@ -214,7 +226,7 @@ def _write_predictions(batches, head: LoadedHead, output: Path) -> int:
                     writer = (pq.ParquetWriter(handle, schema, compression="zstd") if output.suffix.lower() == ".parquet"
                               else pacsv.CSVWriter(handle, schema))
                 writer.write_table(table.cast(schema))
-                rows += batch.num_rows
+                rows += table.num_rows
         finally:
             if writer is not None:
                 writer.close()

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.ingest import ingest
+from pipelines.integrity import verify
 from warehouse import Warehouse
 
 DOCUMENTS = 16
@@ -95,6 +96,8 @@ def test_a_crash_at_any_commit_boundary_loses_nothing_and_hides_nothing(exported
             crashed = run_ingest(root, corpus, tiny_bert_dir, target=target, when=when)
             assert crashed.returncode == 137, crashed.stderr
             wh = Warehouse.open(root)
+            crashed_report = verify(wh, deep=True)  # sound, but for commits the next writer adopts
+            assert {p.kind for p in crashed_report.problems} <= {"ahead"}, [p.line() for p in crashed_report.problems]
             before = counts(wh)  # readable at its last committed version, whatever was written after it
             assert before["documents"] in (0, CHUNK, DOCUMENTS) and before["documents"] == before["ids"]
             summary = ingest(wh, corpus, model=str(tiny_bert_dir), chunk_size=CHUNK, corpus="c").to_dict()
@@ -104,5 +107,7 @@ def test_a_crash_at_any_commit_boundary_loses_nothing_and_hides_nothing(exported
             # Every text is accounted for once: encoded by the rerun, or stored and visible before it.
             assert summary["embedded"] + summary["reused"] == DOCUMENTS, (target, when, summary)
             assert summary["embedded"] <= DOCUMENTS - before["documents"], (target, when, summary)
+            report = verify(wh, deep=True)
+            assert report.ok, [p.line() for p in report.problems]
             survived += 1
     assert (tried, survived) == (2 * writes, 2 * writes)
