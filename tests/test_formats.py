@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipelines.cli import cli
-from warehouse import EwError, QueryError, Warehouse
+from warehouse import EwError, Warehouse
 from warehouse.formats import escape_controls, write_result
 
 UUID = "5e4330e2-c48b-4b8d-81c0-ecdef1d59c59"
