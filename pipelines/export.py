@@ -4,10 +4,8 @@ The graph takes ``input_ids``, ``attention_mask`` (and ``token_type_ids`` when t
 them), int64 ``[batch, sequence]``, and returns ``pooled``: float32 ``[batch, num_layers + 1, dim]``,
 layer 0 being the embedding output. The export is checked against torch before it is kept.
 
-:func:`export_states` (:mod:`pipelines.states_export`) adds, on first need, ``states-K.onnx`` to an artifact: the same pooled
-vectors plus layer K's hidden state of every token (``states``, float32 ``[batch, sequence, dim]``),
-checked against torch and against ``model.onnx``; and a copy of the encoder's own weights in
-``torch/``, from which training builds the layers above K without the original model installed.
+:func:`export_states` (:mod:`pipelines.states_export`) adds a layer's token-states graph to such
+an artifact on first need; both trace through :mod:`pipelines.tracing`.
 
 torch and transformers are imported only when an export runs: inference never needs them.
 
@@ -108,7 +106,8 @@ def _build(source: ModelSource, build: Path, *, tolerance: float, torch, transfo
             )
         _check_tokenizer(build / TOKENIZER_FILE, batch, source)
 
-        candidates = traced_candidates(torch, wrapped, model_inputs, build, input_names, {OUTPUT_NAME: {0: "batch"}}, source)
+        outputs = {OUTPUT_NAME: {0: "batch"}}
+        candidates = traced_candidates(torch, wrapped, model_inputs, build, input_names, outputs, source)
     except EwError:
         raise
     except Exception as error:  # torch/transformers/onnx failures: report them as an export failure

@@ -8,6 +8,8 @@ damaged past its footer is named file by file.
 """
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import duckdb
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -33,7 +35,7 @@ EXAMPLES = 3  # rows quoted per finding
 _MODELS = "(select model, any_value(dim) as dim, any_value(num_layers) as num_layers from models group by model)"
 
 
-def check_rows(warehouse: Warehouse, snapshot: Snapshot, *, skip: frozenset[str] | set[str] = frozenset()) -> list[Problem]:
+def check_rows(warehouse: Warehouse, snapshot: Snapshot, *, skip: Collection[str] = ()) -> list[Problem]:
     """The problems found in every row of the tables ``snapshot`` pins, but those in ``skip`` (known damaged)."""
     check = _RowCheck(warehouse, skip)
     check.every_row(snapshot)
@@ -43,7 +45,7 @@ def check_rows(warehouse: Warehouse, snapshot: Snapshot, *, skip: frozenset[str]
 class _RowCheck:
     """Collects the problems of one run of :func:`check_rows`."""
 
-    def __init__(self, warehouse: Warehouse, skip):
+    def __init__(self, warehouse: Warehouse, skip: Collection[str]):
         self.warehouse = warehouse
         self.storage = warehouse.storage
         self.problems: list[Problem] = []
