@@ -14,8 +14,8 @@ import pytest
 from click.testing import CliRunner
 
 from pipelines.cli import cli
-from warehouse import EwError, QueryError, Warehouse
-from warehouse.formats import atomic_output, escape_controls, write_result
+from warehouse import EwError, Warehouse
+from warehouse.formats import escape_controls, write_result
 
 UUID = "5e4330e2-c48b-4b8d-81c0-ecdef1d59c59"
 ESC = "\x1b"
@@ -256,24 +256,6 @@ def test_output_cases(name, wh, tmp_path, monkeypatch, umask_022):
 
 
 # -- the pieces, as a Python user calls them ----------------------------------------------------
-
-
-def test_atomic_output_removes_only_its_own_file_on_failure(tmp_path):
-    target = tmp_path / "out.bin"
-    target.write_bytes(b"old")
-    with pytest.raises(QueryError):  # as a query failing halfway through the result would
-        with atomic_output(target, "wb") as handle:
-            handle.write(b"partial")
-            (tmp_path / "other.ew-tmp").write_text("not ours")
-            raise QueryError("the query failed")
-    assert sorted(os.listdir(tmp_path)) == ["other.ew-tmp", "out.bin"]
-    assert target.read_bytes() == b"old"
-
-
-def test_atomic_output_writes_into_a_character_device(tmp_path):
-    with atomic_output(Path("/dev/null"), "wb") as handle:
-        handle.write(b"nothing")
-    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""The token-state cache: the states graph (export), Encoder.encode_states, the token_states table and ingest."""
+"""The token-state cache: the states graph (states_export.py), Encoder.encode_states, the token_states table, ingest."""
 import json
 import shutil
 
@@ -8,7 +8,7 @@ import pytest
 from pipelines.artifacts import StatesCard
 from pipelines.encoder import Encoder
 from pipelines.errors import ExportError
-from pipelines.export import export_states
+from pipelines.states_export import export_states
 from pipelines.models import resolve_model
 from warehouse import EwError
 

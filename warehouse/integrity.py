@@ -11,7 +11,7 @@ What it checks, at the latest warehouse version (the log row that pins every tab
   log recorded for it (``numRecords``);
 - no table is ahead of the log (commits of an interrupted writer, which the next writer adopts),
   and no version of the log pins a Delta version its table does not have;
-- with ``deep``, every row, streamed through DuckDB: unique keys, vector widths and layers
+- with ``deep``, every row (:mod:`warehouse.row_checks`): unique keys, vector widths and layers
   that agree with the ``models`` table, and ``doc_hash`` = :func:`warehouse.keys.doc_hash` of the text.
 
 Nothing is raised for what it finds: each finding is a :class:`Problem` saying what, where
@@ -21,95 +21,26 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from urllib.parse import unquote
 
-import duckdb
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from deltalake import DeltaTable
 
 from .errors import StorageError, first_line
-from .keys import doc_hash
-from .query import connect
+# Problem, VerifyReport and RESTORE are re-exported: pipelines.integrity imports them from here.
+from .problems import RESTORE, Problem, VerifyReport, counted
+from .row_checks import check_rows
 from .store import Warehouse
-from .tables import DOCUMENTS, EMBEDDINGS, HEADS, LOG, MODELS, TABLES, TOKEN_STATES
+from .tables import LOG, TABLES
 from .versions import Snapshot, snapshot_of
 from .versions import entries as log_entries
 
-#: The columns that identify one row of each table.
-KEYS: dict[str, tuple[str, ...]] = {
-    DOCUMENTS: ("corpus", "id"),
-    EMBEDDINGS: ("doc_hash", "model", "layer", "pooling"),
-    MODELS: ("model",),
-    HEADS: ("head",),
-    TOKEN_STATES: ("doc_hash", "model", "layer", "precision"),
-}
-EXAMPLES = 3  # rows quoted per finding of the deep checks
-RESTORE = "restore it from a backup of the warehouse"
+__all__ = ["RESTORE", "Problem", "VerifyReport", "check_tables"]
+
 WRITERS = "`ew ingest`, `ew fit-head` or `ew heads rm`"
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One finding: ``what`` is wrong, ``where`` (a file, or a table and key), and ``fix``: what to do."""
-
-    # log, pin, delta-log, ahead, missing-file, damaged-file, row-count, file-size (tables);
-    # duplicate-key, doc-hash, vector-width, layer-range, unknown-model, unreadable-rows (deep);
-    # model-artifact, head-artifact (pipelines.integrity)
-    kind: str
-    what: str
-    where: str
-    fix: str
-
-    def line(self) -> str:
-        return f"{self.where}: {self.what}; {self.fix}"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class VerifyReport:
-    """What `ew verify` checked and found; sound when ``problems`` is empty."""
-
-    root: str
-    version: int | None      # the warehouse version checked (None: no version could be read)
-    deep: bool
-    tables: int = 0          # tables whose Delta log was read
-    files: int = 0           # Parquet files whose footer was read
-    rows: int = 0            # rows in those files
-    versions: int = 0        # rows of the log whose pins were checked
-    models: int = 0          # model artifacts checked
-    heads: int = 0           # head artifacts checked
-    seconds: float = 0.0
-    problems: tuple[Problem, ...] = field(default_factory=tuple)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def summary(self) -> str:
-        counts = ", ".join(_count(n, noun) for n, noun in (
-            (self.tables, "table"), (self.files, "file"), (self.rows, "row"), (self.versions, "version"),
-            (self.models, "model"), (self.heads, "head")))
-        checked = f"{counts} checked{' row by row' if self.deep else ''} in {self.seconds:.1f}s"
-        at = "no version" if self.version is None else f"version {self.version}"
-        if self.ok:
-            return f"warehouse {self.root} ({at}) is sound: {checked}"
-        return f"found {_count(len(self.problems), 'problem')} in warehouse {self.root} ({at}): {checked}"
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        data["ok"] = self.ok
-        data["problems"] = [problem.to_dict() for problem in self.problems]
-        return data
-
-
-def _count(number: int, noun: str) -> str:
-    return f"{number:,} {noun}{'s' * (number != 1)}"
 
 
 def check_tables(warehouse: Warehouse, *, deep: bool = False) -> VerifyReport:
@@ -121,7 +52,7 @@ def check_tables(warehouse: Warehouse, *, deep: bool = False) -> VerifyReport:
         pinned = None if snapshot is None else snapshot.table_versions[table]
         check.table(table, pinned)
     if deep and snapshot is not None:
-        check.every_row(snapshot)
+        check.problems += check_rows(warehouse, snapshot, skip=check.damaged)
     return replace(check.report(snapshot, deep=deep), seconds=time.perf_counter() - started)
 
 
@@ -243,7 +174,6 @@ class _TableCheck:
 
     def table_files(self, table: str, delta: DeltaTable, *, skip: frozenset[str] = frozenset()) -> frozenset[str]:
         """Check every live file of this Delta version; returns the paths checked."""
-        fs = self.storage.fs
         base = self.storage.fs_path(self.storage.table_uri(table)).rstrip("/") + "/"
         actions = pa.table(delta.get_add_actions(flatten=True))
         # The log's paths are URL-encoded once more than the file names on disk.
@@ -254,158 +184,36 @@ class _TableCheck:
             if path in skip:
                 continue
             size, records = stats.get(path[len(base):] if path.startswith(base) else path, (None, None))
-            holding = "" if records is None else f", holding {_count(records, 'row')},"
-            info = fs.get_file_info(path)
-            if info.type == pafs.FileType.NotFound:
-                self.add("missing-file", f"a data file of the {table} table{holding} is missing", path,
-                         f"{RESTORE}: without it the table cannot be read")
-                self.damaged.add(table)
-                continue
-            try:
-                with fs.open_input_file(path) as handle:
-                    num_rows = pq.ParquetFile(handle).metadata.num_rows
-            except (OSError, pa.ArrowException) as error:
-                why = first_line(error) if size is None or info.size >= size else f"{info.size:,} of its {size:,} bytes are left"
-                self.add("damaged-file", f"a data file of the {table} table{holding} is truncated or damaged ({why})",
-                         path, f"{RESTORE}: without it the table cannot be read")
-                self.damaged.add(table)
-                continue
-            self.files += 1
-            self.rows += num_rows
-            if records is not None and num_rows != records:
-                self.add("row-count", f"the file holds {num_rows:,} rows, the {table} table's Delta log says {records:,}",
-                         path, f"the file was replaced outside ew: {RESTORE}")
-                self.damaged.add(table)
-            elif size is not None and info.size != size:
-                self.add("file-size", f"the file is {info.size:,} bytes, the {table} table's Delta log says {size:,}",
-                         path, f"the file was changed outside ew: {RESTORE}")
+            finding = self.data_file(table, path, size=size, records=records)
+            if finding is not None:
+                kind, what, fix = finding
+                self.add(kind, what, path, fix)
                 self.damaged.add(table)
         return frozenset(paths)
 
-    # -- every row (deep) ----------------------------------------------------------
-    def every_row(self, snapshot: Snapshot) -> None:
-        """Stream every row of the intact pinned tables through DuckDB."""
-        datasets = {}
-        for table in TABLES:
-            if table in self.damaged:
-                continue
-            try:
-                datasets[table] = self.warehouse.dataset(table, snapshot)
-            except StorageError:  # reported by the file checks
-                continue
-        con = connect(datasets)
+    def data_file(self, table: str, path: str, *, size: int | None, records: int | None) -> tuple[str, str, str] | None:
+        """Read one data file's footer and count its rows; (kind, what, fix) when it is not what the log says."""
+        holding = "" if records is None else f", holding {counted(records, 'row')},"
+        lost = f"{RESTORE}: without it the table cannot be read"
+        fs = self.storage.fs
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            return "missing-file", f"a data file of the {table} table{holding} is missing", lost
         try:
-            for table in datasets:
-                self.query(datasets, (table,), self.duplicate_keys, con, table)
-            if DOCUMENTS in datasets:
-                self.query(datasets, (DOCUMENTS,), self.document_hashes, con)
-            if EMBEDDINGS in datasets and MODELS in datasets:
-                self.query(datasets, (EMBEDDINGS, MODELS), self.vectors, con)
-            if TOKEN_STATES in datasets and MODELS in datasets:
-                self.query(datasets, (TOKEN_STATES, MODELS), self.token_states, con)
-        finally:
-            con.close()
-
-    def query(self, datasets: dict[str, pads.Dataset], tables: tuple[str, ...], run, *args) -> None:
-        """Run one deep check over ``tables``; when reading them fails, name the damaged files."""
-        if any(table in self.damaged for table in tables):
-            return
-        try:
-            run(*args)
-        except (duckdb.InvalidInputException, duckdb.IOException) as error:  # a file damaged past its footer
-            named = [self.damaged_fragments(table, datasets[table]) for table in tables]
-            if not any(named):
-                self.add("unreadable-rows", f"reading every row of the {' and '.join(tables)} tables failed "
-                         f"({first_line(error)})", self.storage.table_uri(tables[0]), RESTORE)
-            self.damaged.update(tables)
-
-    def damaged_fragments(self, table: str, dataset: pads.Dataset) -> bool:
-        """Read ``table`` file by file, reporting each that fails; whether any did."""
-        found = False
-        for fragment in dataset.get_fragments():
-            try:
-                for _ in fragment.to_batches():
-                    pass
-            except (OSError, pa.ArrowException) as error:
-                found = True
-                self.add("damaged-file", f"a data file of the {table} table is damaged inside ({first_line(error)})",
-                         fragment.path, f"{RESTORE}: without it the table cannot be read")
-        return found
-
-    def duplicate_keys(self, con: duckdb.DuckDBPyConnection, table: str) -> None:
-        keys = ", ".join(KEYS[table])
-        # Group 64-bit hashes of the keys first (8 bytes a row, not the ~100 of the keys themselves:
-        # 140 MB less at 900k embeddings), then only the rows whose hash repeats by their keys.
-        rows = con.sql(
-            f"with candidates as (select hash({keys}) as h from {table} group by h having count(*) > 1) "
-            f"select {keys}, n, count(*) over () as repeated from (select {keys}, count(*) as n from {table} "
-            f"where hash({keys}) in (select h from candidates) group by all having n > 1) "
-            f"order by n desc, {keys} limit {EXAMPLES}"
-        ).fetchall()
-        if rows:
-            examples = "; ".join(
-                ", ".join(f"{name}={value!r}" for name, value in zip(KEYS[table], row)) + f" ({row[-2]} rows)"
-                for row in rows
-            )
-            self.add("duplicate-key", f"{rows[0][-1]:,} keys ({keys}) occur more than once, e.g. {examples}",
-                     self.storage.table_uri(table),
-                     f"queries count these rows more than once; {RESTORE}, or rewrite the table without the repeats")
-
-    def document_hashes(self, con: duckdb.DuckDBPyConnection) -> None:
-        # DuckDB finds the candidates in one streamed pass; warehouse.keys.doc_hash, the definition,
-        # decides (DuckDB's Unicode tables may be of another version than Python's).
-        reader = con.sql(
-            "select corpus, id, doc_hash, text from documents "
-            "where text is null or doc_hash is distinct from sha256(nfc_normalize(text))"
-        ).fetch_record_batch()
-        wrong, examples = 0, []
-        for batch in reader:
-            for row in batch.to_pylist():
-                if row["text"] is not None and row["doc_hash"] == doc_hash(row["text"]):
-                    continue
-                wrong += 1
-                if len(examples) < EXAMPLES:
-                    examples.append(f"corpus={row['corpus']!r}, id={row['id']!r}")
-        if wrong:
-            self.add("doc-hash", f"{wrong:,} documents have a doc_hash that is not the hash of their text, e.g. "
-                     + "; ".join(examples), self.storage.table_uri(DOCUMENTS),
-                     "their vectors cannot be found by text; ingest those records again to rewrite them")
-
-    def vectors(self, con: duckdb.DuckDBPyConnection) -> None:
-        groups = con.sql(
-            "select e.model, e.layer, len(e.embedding) as width, m.dim, m.num_layers, count(*) as n "
-            "from embeddings e left join (select model, any_value(dim) as dim, any_value(num_layers) as num_layers "
-            "from models group by model) m on e.model = m.model "
-            "where m.model is null or len(e.embedding) is distinct from m.dim or e.layer not between 0 and m.num_layers "
-            "group by all order by all"
-        ).fetchall()
-        where = self.storage.table_uri(EMBEDDINGS)
-        for model, layer, width, dim, num_layers, n in groups:
-            at = f"{where} (model={model}, layer={layer})"
-            if dim is None:
-                self.add("unknown-model", f"{n:,} vectors of model {model}, which the models table does not list", at,
-                         f"{RESTORE}, or ingest with that model again to register it")
-            elif layer is None or not 0 <= layer <= num_layers:
-                self.add("layer-range", f"{n:,} vectors of layer {layer}, outside its model's layers 0..{num_layers}", at,
-                         f"they were written outside ew: {RESTORE}")
-            elif width != dim:
-                self.add("vector-width", f"{n:,} vectors {'are null' if width is None else f'have {width} values'}, "
-                         f"the model's dim is {dim}", at, f"they were written outside ew: {RESTORE}")
-
-
-    def token_states(self, con: duckdb.DuckDBPyConnection) -> None:
-        """Every states blob holds n_tokens x dim values of its precision, dim being its model's."""
-        bad = con.sql(
-            "select t.model, t.layer, count(*) as n from token_states t "
-            "left join (select model, any_value(dim) as dim from models group by model) m on t.model = m.model "
-            "where m.model is null or t.dim is distinct from m.dim or octet_length(t.states) is distinct from "
-            "t.n_tokens * t.dim * (case t.precision when 'fp16' then 2 when 'fp32' then 4 end) "
-            "group by all order by all"
-        ).fetchall()
-        for model, layer, n in bad:
-            self.add("state-width", f"{n:,} token-state rows whose size disagrees with n_tokens, dim and precision, "
-                     "or whose model is not registered", f"{self.storage.table_uri(TOKEN_STATES)} (model={model}, "
-                     f"layer={layer})", f"they were written outside ew: {RESTORE}")
+            with fs.open_input_file(path) as handle:
+                num_rows = pq.ParquetFile(handle).metadata.num_rows
+        except (OSError, pa.ArrowException) as error:
+            why = first_line(error) if size is None or info.size >= size else f"{info.size:,} of its {size:,} bytes are left"
+            return "damaged-file", f"a data file of the {table} table{holding} is truncated or damaged ({why})", lost
+        self.files += 1
+        self.rows += num_rows
+        if records is not None and num_rows != records:
+            return ("row-count", f"the file holds {num_rows:,} rows, the {table} table's Delta log says {records:,}",
+                    f"the file was replaced outside ew: {RESTORE}")
+        if size is not None and info.size != size:
+            return ("file-size", f"the file is {info.size:,} bytes, the {table} table's Delta log says {size:,}",
+                    f"the file was changed outside ew: {RESTORE}")
+        return None
 
 
 def _damaged_commits(storage, table: str, version: int | None) -> list[tuple[str, str]]:
