@@ -10,7 +10,8 @@ from pathlib import Path
 import click
 
 from warehouse import EwError, Warehouse
-from warehouse.formats import FORMATS, format_for, write_result, written_in_place
+from warehouse.formats import FORMATS, format_for, write_result
+from warehouse.output import written_in_place
 from warehouse.query import memory_cap
 from warehouse.store import DEFAULT_PATH, ENV_VAR
 

@@ -30,16 +30,13 @@ from pipelines.artifacts import CARD_FILE, MODEL_FILE, OUTPUT_NAME, TOKENIZER_FI
 from pipelines.encoder import Encoder, usable_cores
 from pipelines.errors import ExportError
 from pipelines.models import EXPORT_FORMAT, ModelSource
-# export_states, OPSET and SAMPLE_TEXTS are re-exported: the registry, head export and tests import them from here.
-from pipelines.states_export import export_states
 from pipelines.tracing import (
-    FUSED_FILE, OPSET, RAW_FILE, SAMPLE_TEXTS, keep_first_within_tolerance, load_torch_model, pooled_layers,
+    FUSED_FILE, RAW_FILE, SAMPLE_TEXTS, keep_first_within_tolerance, load_torch_model, pooled_layers,
     traced_candidates, train_modules,
 )
 from warehouse.errors import EwError, first_line
 from warehouse.keys import file_digest
 
-__all__ = ["OPSET", "SAMPLE_TEXTS", "ExportReport", "export_model", "export_states"]
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import numpy as np
 from pipelines.artifacts import TOKENIZER_FILE, TORCH_DIR, ModelCard
 from pipelines.errors import ExportError, HeadError
 from warehouse.errors import EwError
-from pipelines.export import OPSET, SAMPLE_TEXTS
+from pipelines.tracing import OPSET, SAMPLE_TEXTS
 from pipelines.heads import read_head_files
 from pipelines.recycling import torch_module, from_text
 from pipelines.top import build_lower

@@ -17,7 +17,8 @@ from dataclasses import replace
 from warehouse import Warehouse
 from warehouse.catalog import HeadRow, ModelRow
 from warehouse.errors import EwError
-from warehouse.integrity import RESTORE, Problem, VerifyReport, check_tables
+from warehouse.integrity import check_tables
+from warehouse.problems import RESTORE, Problem, VerifyReport
 from warehouse.keys import file_digest
 
 from .artifacts import ModelCard

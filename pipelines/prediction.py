@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from warehouse import Warehouse
 from warehouse.errors import EwError, QueryError
-from warehouse.formats import atomic_output
+from warehouse.output import atomic_output
 from warehouse.keys import doc_hash
 from warehouse.query import connect, sql_error_message
 from warehouse.selection import DocumentFilter

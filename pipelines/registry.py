@@ -109,7 +109,7 @@ def prepare_states(prepared: PreparedModel, *, layer: int, name: str) -> StatesG
     states = StatesCard.load(prepared.artifact)
     if states is not None and layer in states.graphs and (prepared.artifact / states_file(layer)).is_file():
         return states.graphs[layer]
-    from .export import export_states  # torch and transformers: only when a layer is cached the first time
+    from .states_export import export_states  # torch and transformers: only when a layer is cached the first time
 
     return export_states(_source_of(card, name, layer), prepared.artifact, layer=layer)
 

@@ -16,7 +16,7 @@ import numpy as np
 from pipelines.metrics import Metrics
 from pipelines.training import EpochStats
 from pipelines.errors import MissingDependencyError
-from warehouse.formats import atomic_output
+from warehouse.output import atomic_output
 
 CURVES_HEIGHT = 3.2  # inches
 CELL = 0.22  # inches per confusion-matrix class: 60 classes give a 13-inch matrix

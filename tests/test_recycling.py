@@ -198,7 +198,7 @@ def _onnx_probabilities(path, artifact, texts):
 def test_plain_head_export_agrees_with_ew_encoder_and_head(tmp_path, tiny_artifact, tiny_bert_dir):
     from pipelines.artifacts import ModelCard
     from pipelines.encoder import Encoder
-    from pipelines.export import SAMPLE_TEXTS
+    from pipelines.tracing import SAMPLE_TEXTS
 
     key = ModelCard.load(tiny_artifact).key
     torch.manual_seed(1)

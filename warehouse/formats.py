@@ -19,13 +19,7 @@ import pyarrow.parquet as pq
 
 from .conversion import for_format
 from .errors import EwError
-# Re-exported: the CLI, prediction and report import the output files from here.
-from .output import OutputError, atomic_output, written_in_place
-
-__all__ = [
-    "FORMATS", "OutputError", "atomic_output", "escape_controls", "format_for", "unique_names", "write_result",
-    "written_in_place",
-]
+from .output import atomic_output
 
 FORMATS = ("table", "csv", "json", "parquet")
 MAX_CELL = 40

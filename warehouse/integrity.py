@@ -30,7 +30,6 @@ import pyarrow.parquet as pq
 from deltalake import DeltaTable
 
 from .errors import StorageError, first_line
-# Problem, VerifyReport and RESTORE are re-exported: pipelines.integrity imports them from here.
 from .problems import RESTORE, Problem, VerifyReport, counted
 from .row_checks import check_rows
 from .store import Warehouse
@@ -38,7 +37,6 @@ from .tables import LOG, TABLES
 from .versions import Snapshot, snapshot_of
 from .versions import entries as log_entries
 
-__all__ = ["RESTORE", "Problem", "VerifyReport", "check_tables"]
 
 WRITERS = "`ew ingest`, `ew fit-head` or `ew heads rm`"
 
