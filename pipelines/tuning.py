@@ -88,12 +88,23 @@ def train_on_states(
 ) -> Trained:
     """Train above the planned layer (choosing it first with ``auto``); ``check(stats, label)`` vets the splits."""
     weights_dir = warehouse.root / row.artifact / TORCH_DIR
+
+    def run(layer: int, config: TrainConfig):
+        """(trained top, test metrics, training seconds, split stats) above ``layer``."""
+        with _torch_threads(threads), LabelledStates(
+            warehouse, model=row.model, layer=layer, precision=plan.precision, documents=documents, spec=spec,
+            version=version, memory_limit=memory_limit, threads=threads,
+        ) as data:
+            stats = data.assemble()
+            check(stats, documents.label)
+            return (*_train_and_test(data, stats, weights_dir=weights_dir, layer=layer, pooling=row.pooling,
+                                     config=config, plan=plan), stats)
+
     layer_scores: dict[int, float] = {}
     layer = plan.from_layer
     if layer == "auto":
-        layer, layer_scores = _choose_layer(warehouse, row=row, documents=documents, spec=spec, config=config,
-                                            plan=plan, check=check, threads=threads, memory_limit=memory_limit,
-                                            version=version)
+        layer, layer_scores = _choose_layer(warehouse, row=row, plan=plan, version=version,
+                                            one_epoch=lambda k: run(k, replace(config, epochs=1, patience=0))[0])
     if not 0 <= layer <= row.num_layers:
         raise EwError(f"--from-layer {layer} does not exist; model {row.model} has layers 0..{row.num_layers}")
     embedded = 0
@@ -103,14 +114,7 @@ def train_on_states(
     if not weights_dir.is_dir():
         raise EwError(f"training above layer {layer} needs the weights of {row.model} in {weights_dir}, which the "
                       f"first `ew ingest FILE --model {row.model} --token-states {layer}` copies there")
-    with _torch_threads(threads), LabelledStates(
-        warehouse, model=row.model, layer=layer, precision=plan.precision, documents=documents, spec=spec,
-        version=version, memory_limit=memory_limit, threads=threads,
-    ) as data:
-        stats = data.assemble()
-        check(stats, documents.label)
-        result, metrics, seconds = _train_and_test(data, stats, weights_dir=weights_dir, layer=layer,
-                                                   pooling=row.pooling, config=config, plan=plan)
+    result, metrics, seconds, stats = run(layer, config)
     card = HeadCard(
         name=name, config=result.head, classes=stats.classes, model=row.model, layer=layer, pooling=row.pooling,
         label=documents.label, trained_on_version=stats.version, model_source=row.source, corpus=documents.corpus,
@@ -155,27 +159,14 @@ def _train_and_test(data: LabelledStates, stats, *, weights_dir: Path, layer: in
     return result, classification_metrics(y_true, y_pred, classes=stats.classes), seconds
 
 
-def _choose_layer(warehouse: Warehouse, *, row: ModelRow, documents: DocumentFilter, spec: SplitSpec,
-                  config: TrainConfig, plan: StatesPlan, check: Callable, threads: int | None, memory_limit: str,
-                  version: int | None) -> tuple[int, dict[int, float]]:
-    """The cached layer whose one-epoch run scores best on validation, and every layer's score."""
+def _choose_layer(warehouse: Warehouse, *, row: ModelRow, plan: StatesPlan, version: int | None,
+                  one_epoch: Callable[[int], object]) -> tuple[int, dict[int, float]]:
+    """The cached layer whose one-epoch run (``one_epoch(K)``) scores best on validation, and every layer's score."""
     layers = cached_layers(warehouse, model=row.model, precision=plan.precision, version=version)
     if not layers:
         raise EwError(f"--from-layer auto compares the cached layers, but no {plan.precision} token states of "
                       f"{row.model} are cached; run `ew ingest FILE --model {row.model} --token-states K` first")
-    weights_dir = warehouse.root / row.artifact / TORCH_DIR
-    one_epoch = replace(config, epochs=1, patience=0)
-    scores = {}
-    for layer in layers:
-        with _torch_threads(threads), LabelledStates(
-            warehouse, model=row.model, layer=layer, precision=plan.precision, documents=documents, spec=spec,
-            version=version, memory_limit=memory_limit, threads=threads,
-        ) as data:
-            stats = data.assemble()
-            check(stats, documents.label)
-            result, _, _ = _train_and_test(data, stats, weights_dir=weights_dir, layer=layer, pooling=row.pooling,
-                                           config=one_epoch, plan=plan)
-        scores[layer] = round(result.history[-1].val_accuracy, 4)
+    scores = {layer: round(one_epoch(layer).history[-1].val_accuracy, 4) for layer in layers}
     best = max(layers, key=lambda layer: (scores[layer], layer))  # ties: the higher, cheaper layer
     return best, scores
 

@@ -120,3 +120,34 @@ def _missing(
         raise QueryError(f"selecting the documents failed: {sql_error_message(error)}") from None
     finally:
         con.close()
+
+
+def create_labelled(
+    con: duckdb.DuckDBPyConnection,
+    documents: DocumentFilter,
+    *,
+    present: str,
+    present_params: list,
+    split_sql: str,
+    columns: str = "",
+) -> tuple[int, int]:
+    """Create the table ``present`` of the labelled rows that have what ``present`` selects.
+
+    Rows are distinct (doc_hash, label) pairs with a non-null label; ``present`` is a subquery
+    aliased ``p`` with a ``doc_hash`` column (and the ``columns``, e.g. ", p.n_tokens", to keep);
+    ``split_sql`` computes each row's split from ``l.doc_hash``. Returns (documents without the
+    label, labelled texts left out because ``present`` lacks them).
+    """
+    label = quote(documents.label)
+    condition, params = documents.condition(labelled=False)
+    missing_label = con.execute(f"SELECT count(*) FROM documents WHERE {label} IS NULL AND {condition}", params).fetchone()[0]
+    condition, params = documents.condition()
+    con.execute(f"CREATE TABLE labelled AS SELECT DISTINCT doc_hash, CAST({label} AS VARCHAR) AS label "
+                f"FROM documents WHERE {condition}", params)
+    left_out = con.execute(f"SELECT count(*) FROM labelled ANTI JOIN {present} p USING (doc_hash)",
+                           present_params).fetchone()[0]
+    con.execute(f"CREATE TABLE present AS SELECT l.doc_hash, l.label{columns}, {split_sql} AS split "
+                f"FROM labelled l JOIN {present} p USING (doc_hash)", present_params)
+    con.execute("DROP TABLE labelled")
+    return missing_label, left_out
+

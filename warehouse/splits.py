@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from .errors import EwError, QueryError, StorageError
 from .query import connect, sql_error_message
-from .selection import INTERNAL_MEMORY_LIMIT, DocumentFilter, quote
+from .selection import INTERNAL_MEMORY_LIMIT, DocumentFilter, create_labelled
 from .tables import DOCUMENTS, EMBEDDINGS
 from .versions import Snapshot
 
@@ -204,28 +204,10 @@ class LabelledVectors:
     def _count(self) -> dict:
         """Narrow queries first (no vectors): labels, splits, classes, and each row's pile."""
         con = self._con
-        label = quote(self.documents.label)
-        condition, params = self.documents.condition(labelled=False)
-        missing_label = con.execute(
-            f"SELECT count(*) FROM documents WHERE {label} IS NULL AND {condition}", params
-        ).fetchone()[0]
-        condition, params = self.documents.condition()
-        con.execute(
-            f"CREATE TABLE labelled AS SELECT DISTINCT doc_hash, CAST({label} AS VARCHAR) AS label "
-            f"FROM documents WHERE {condition}",
-            params,
+        missing_label, no_vector = create_labelled(
+            con, self.documents, present="(SELECT doc_hash FROM embeddings WHERE model = ? AND layer = ? AND pooling = ?)",
+            present_params=[self.model, self.layer, self.pooling], split_sql=self.spec.sql("l.doc_hash"),
         )
-        vectors = "(SELECT doc_hash FROM embeddings WHERE model = ? AND layer = ? AND pooling = ?)"
-        vector_params = [self.model, self.layer, self.pooling]
-        no_vector = con.execute(
-            f"SELECT count(*) FROM labelled ANTI JOIN {vectors} USING (doc_hash)", vector_params
-        ).fetchone()[0]
-        con.execute(
-            f"CREATE TABLE present AS SELECT l.doc_hash, l.label, {self.spec.sql('l.doc_hash')} AS split "
-            f"FROM labelled l JOIN {vectors} USING (doc_hash)",
-            vector_params,
-        )
-        con.execute("DROP TABLE labelled")
         documents = con.execute("SELECT count(DISTINCT doc_hash) FROM present").fetchone()[0]
         per_class: dict[str, dict[str, int]] = {}
         for name, split, count in con.execute("SELECT label, split, count(*) FROM present GROUP BY ALL").fetchall():

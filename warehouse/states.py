@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from .errors import EwError, QueryError, StorageError, first_line
 from .query import connect, sql_error_message
-from .selection import INTERNAL_MEMORY_LIMIT, DocumentFilter, quote
+from .selection import INTERNAL_MEMORY_LIMIT, DocumentFilter, create_labelled
 from .splits import SPLITS, SplitSpec
 from .tables import DOCUMENTS, STATE_DTYPES, TOKEN_STATES
 from .versions import Snapshot
@@ -166,29 +166,13 @@ class LabelledStates:
     def _count(self) -> dict:
         """Narrow queries only (no states): labels, splits, classes, token counts, and the keys table."""
         con = self._con
-        label = quote(self.documents.label)
-        condition, params = self.documents.condition(labelled=False)
-        missing_label = con.execute(
-            f"SELECT count(*) FROM documents WHERE {label} IS NULL AND {condition}", params
-        ).fetchone()[0]
-        condition, params = self.documents.condition()
-        con.execute(
-            f"CREATE TABLE labelled AS SELECT DISTINCT doc_hash, CAST({label} AS VARCHAR) AS label "
-            f"FROM documents WHERE {condition}",
-            params,
-        )
         # n_tokens and dim only: the states column is never read here.
-        states = "(SELECT doc_hash, n_tokens, dim FROM token_states WHERE model = ? AND layer = ? AND precision = ?)"
-        states_params = [self.model, self.layer, self.precision]
-        no_states = con.execute(
-            f"SELECT count(*) FROM labelled ANTI JOIN {states} USING (doc_hash)", states_params
-        ).fetchone()[0]
-        con.execute(
-            f"CREATE TABLE present AS SELECT l.doc_hash, l.label, s.n_tokens, s.dim, {self.spec.sql('l.doc_hash')} AS split "
-            f"FROM labelled l JOIN {states} s USING (doc_hash)",
-            states_params,
+        missing_label, no_states = create_labelled(
+            con, self.documents,
+            present="(SELECT doc_hash, n_tokens, dim FROM token_states WHERE model = ? AND layer = ? AND precision = ?)",
+            present_params=[self.model, self.layer, self.precision], split_sql=self.spec.sql("l.doc_hash"),
+            columns=", p.n_tokens, p.dim",
         )
-        con.execute("DROP TABLE labelled")
         dims = [row[0] for row in con.execute("SELECT DISTINCT dim FROM present ORDER BY dim").fetchall()]
         if len(dims) > 1:
             raise StorageError(
