@@ -120,6 +120,7 @@ def fit_head(
 
     With ``version``, trains on that pinned warehouse version and embeds nothing; by default
     it reads the latest version after embedding the labelled documents that lack vectors.
+    (Long only by its options: the training is in _train_on_vectors and tuning.train_on_states.)
     With ``from_layer`` (K, or "auto"), trains the encoder layers above K (``tune`` "top", or
     "lora" adapters of rank ``lora_rank``) and the head on the cached layer-K token states
     instead: see :mod:`pipelines.tuning`.

@@ -165,6 +165,8 @@ def ingest(
 ) -> IngestResult:
     """Ingest the JSONL corpus at ``path`` with ``model``; see the module docstring.
 
+    (Long only by its options and the summary it returns: the work is in _CorpusRun.)
+
     ``token_states`` (a layer, 0 = embedding output) also caches that layer's token states,
     stored as ``state_precision`` ("fp16" or "fp32").
     """

@@ -238,6 +238,8 @@ class LabelledVectors:
         Rows reach the piles in no fixed order; readers sort each pile (see :meth:`_stream`).
         Returns the vectors' width.
         """
+        # One function on purpose: the copy is one streaming pass whose buffers, flush size and
+        # cursors share a lifetime; split up, they would be passed around as loose state.
         names = [_pile_table(split, pile) for split in SPLITS for pile in range(piles[split])]
         first_pile = np.cumsum([0] + [piles[s] for s in SPLITS[:-1]])  # of each split, in ``names``
         for name in names:
