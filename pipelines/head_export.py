@@ -26,6 +26,7 @@ import numpy as np
 from pipelines.artifacts import TOKENIZER_FILE, TORCH_DIR, ModelCard
 from pipelines.errors import ExportError, HeadError
 from warehouse.errors import EwError
+from warehouse.output import new_file_permissions
 from pipelines.tracing import OPSET, SAMPLE_TEXTS
 from pipelines.heads import read_head_files
 from pipelines.recycling import torch_module, from_text
@@ -106,6 +107,7 @@ def export_head(
 
     output.parent.mkdir(parents=True, exist_ok=True)
     handle, staging = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent)
+    os.fchmod(handle, new_file_permissions(output))  # mkstemp makes 0600; a served model is read by others
     os.close(handle)
     try:
         _trace(torch, classifier, feeds, model.input_names, Path(staging))

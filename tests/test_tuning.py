@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -70,6 +71,9 @@ def test_export_head_writes_onnx_that_agrees_with_predict(tuned, tmp_path):
     result = CliRunner().invoke(cli, ["-w", str(wh.root), "export-head", "top-head", "--output", str(out)])
     assert result.exit_code == 0, result.output
     assert result.output.startswith(f"wrote {out} (") and (out.parent / "tokenizer.json").is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # readable like any file the user writes, not 0600
     text = wh.query("select text from documents order by id limit 1").read_all().to_pylist()[0]["text"]
     corpus = tmp_path / "one.jsonl"
     corpus.write_text(json.dumps({"id": "x", "text": text}) + "\n")

@@ -116,7 +116,7 @@ def _create_beside(path: Path) -> tuple[int, str]:
     except OSError as error:
         raise _output_error(path, error, in_place=False) from None
     try:
-        os.fchmod(descriptor, _permissions_for(path))  # mkstemp makes 0600; open() would honour the umask
+        os.fchmod(descriptor, new_file_permissions(path))  # mkstemp makes 0600; open() would honour the umask
     except OSError as error:
         os.close(descriptor)
         os.unlink(temporary)
@@ -124,7 +124,7 @@ def _create_beside(path: Path) -> tuple[int, str]:
     return descriptor, temporary
 
 
-def _permissions_for(path: Path) -> int:
+def new_file_permissions(path: Path) -> int:
     """What a plain ``open(path, "w")`` would leave: an existing file's permissions, else 0666 less the umask."""
     try:
         status = os.stat(path)
