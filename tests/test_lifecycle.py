@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -115,7 +116,7 @@ def test_vacuum_older_than_keeps_the_version_that_was_latest_then(warehouse_copy
     assert parse_age("7d") == timedelta(days=7) and parse_age("12h") == timedelta(hours=12)
     with pytest.raises(EwError, match="not a number followed by"):
         parse_age("soon")
-    with pytest.raises(EwError, match="say which versions vacuum keeps"):
+    with pytest.raises(EwError, match="say which versions to keep"):
         vacuum(wh)
 
 
@@ -158,3 +159,114 @@ def test_compact_and_vacuum_take_the_write_lock_without_waiting(warehouse_copy):
         with pytest.raises(WarehouseLockedError):
             remove_corpus(wh, "debian")
         assert compact(wh, dry_run=True).version is None  # dry runs only read
+
+
+# A `kill -9` at a write: the process exits at once after the Nth Delta commit (a table's compaction
+# or the log row) or file deletion, as a power cut would leave it.
+KILLED_AFTER = textwrap.dedent(
+    """
+    import os, sys
+    import deltalake.table, warehouse.store, warehouse.storage
+
+    target, calls = int(sys.argv[1]), [0]
+
+    def dying(real):
+        def write(*args, **kwargs):
+            result = real(*args, **kwargs)
+            calls[0] += 1
+            if calls[0] == target:
+                os._exit(137)
+            return result
+        return write
+
+    deltalake.table.TableOptimizer.compact = dying(deltalake.table.TableOptimizer.compact)
+    warehouse.store.write_deltalake = dying(warehouse.store.write_deltalake)
+    warehouse.storage.LocalStorage.delete = dying(warehouse.storage.LocalStorage.delete)
+    from pipelines.cli import cli
+    cli(sys.argv[2:], prog_name="ew", standalone_mode=False)
+    print("writes", calls[0])
+    """
+)
+
+
+def killed_runs(base: Path, tmp_path: Path, targets: list[int], *args: str) -> dict[int, Path]:
+    """Run `ew ARGS` on a copy of ``base`` per target, killed after that many writes, all at once."""
+    runs = {}
+    for target in targets:
+        root = shutil.copytree(base, tmp_path / f"killed-{target}")
+        runs[target] = (root, subprocess.Popen([sys.executable, "-c", KILLED_AFTER, str(target), "-w", str(root), *args],
+                                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT))
+    for target, (root, process) in runs.items():
+        _, stderr = process.communicate()
+        assert process.returncode == 137, stderr
+    return {target: root for target, (root, _) in runs.items()}
+
+
+def test_compact_killed_after_any_commit_loses_nothing_and_a_rerun_finishes(warehouse_copy, tmp_path):
+    documents, vectors = rows(warehouse_copy, DOCUMENT_ROWS), rows(warehouse_copy, VECTOR_SUMS)
+    # documents and embeddings have small files: three commits (two tables, then the log).
+    for target, root in killed_runs(warehouse_copy.root, tmp_path, [1, 2, 3], "compact").items():
+        wh = Warehouse.open(root)
+        assert (wh.log()[-1].operation == "compact") == (target == 3)
+        crashed = verify(wh, deep=True)  # sound, but for table commits the next writer adopts
+        assert {p.kind for p in crashed.problems} <= {"ahead"}, [p.line() for p in crashed.problems]
+        assert rows(wh, DOCUMENT_ROWS) == documents and rows(wh, VECTOR_SUMS) == vectors
+        compact(wh)  # the rerun: adopts what was compacted, compacts the rest
+        assert compact(wh, dry_run=True).tables == (), target
+        assert rows(wh, DOCUMENT_ROWS) == documents and rows(wh, VECTOR_SUMS) == vectors
+        assert verify(wh, deep=True).ok, target
+
+
+def test_vacuum_killed_between_deletions_leaves_every_kept_version_whole(warehouse_copy, labelled_corpus, tiny_bert_dir,
+                                                                        tmp_path):
+    wh = warehouse_copy
+    correct_labels(wh, labelled_corpus, tmp_path, tiny_bert_dir)
+    compact(wh)
+    documents, vectors = rows(wh, DOCUMENT_ROWS), rows(wh, VECTOR_SUMS)
+    garbage = vacuum(wh, keep_versions=1).files
+    assert garbage > 4
+    # 1: after the vacuum version, before any deletion; 2, 4: after one and three deletions.
+    for target, root in killed_runs(wh.root, tmp_path, [1, 2, 4], "vacuum", "--keep-versions", "1", "--yes").items():
+        killed = Warehouse.open(root)
+        assert verify(killed, deep=True).ok, target
+        assert rows(killed, DOCUMENT_ROWS) == documents and rows(killed, VECTOR_SUMS) == vectors
+        assert vacuum(killed, keep_versions=1).files == garbage - (target - 1)
+        rerun = vacuum(killed, keep_versions=1, dry_run=False)
+        assert rerun.version is None and rerun.oldest_version == wh.latest_version()  # recorded by the killed run
+        assert vacuum(killed, keep_versions=1).files == 0 and verify(killed, deep=True).ok
+        assert rows(killed, DOCUMENT_ROWS) == documents
+
+
+
+def test_an_ingest_and_compactions_at_once_lose_nothing(warehouse_copy, tiny_bert_dir, tmp_path):
+    wh = warehouse_copy
+    corpus = tmp_path / "more.jsonl"
+    corpus.write_text("".join(json.dumps({"id": f"m{i}", "text": f"more text number {i}"}) + "\n" for i in range(60)))
+    stop, outcomes = threading.Event(), []
+
+    def compact_again_and_again():
+        while not stop.is_set():
+            try:
+                outcomes.append(compact(Warehouse.open(wh.root)).version)
+            except WarehouseLockedError:  # the ingest holds the lock: the compaction is not waited for
+                outcomes.append("refused")
+            time.sleep(0.02)
+
+    compacting = threading.Thread(target=compact_again_and_again)
+    compacting.start()
+    try:
+        for _ in range(200):  # an ingest that finds the lock taken is run again, as a user would
+            try:
+                ingest(Warehouse.open(wh.root), corpus, model=str(tiny_bert_dir), chunk_size=15)
+                break
+            except WarehouseLockedError:
+                time.sleep(0.02)
+    finally:
+        stop.set()
+        compacting.join()
+    assert outcomes
+    compact(wh)
+    assert rows(wh, "select count(*) as n from documents where corpus = 'more'") == [{"n": 60}]
+    assert rows(wh, "select count(*) as n, count(distinct id) as ids from documents") == [{"n": 300, "ids": 300}]
+    assert rows(wh, "select count(*) as n from embeddings") == rows(wh, "select count(*) as n from (select distinct doc_hash, model, layer, pooling from embeddings)")
+    assert verify(wh, deep=True).ok

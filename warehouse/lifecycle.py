@@ -167,7 +167,7 @@ def vacuum(warehouse: Warehouse, *, keep_versions: int | None = None, older_than
     version afterwards is a :class:`warehouse.errors.VersionVacuumedError` naming the oldest readable one.
     """
     if (keep_versions is None) == (older_than is None):
-        raise EwError("say which versions vacuum keeps: --keep-versions N or --older-than AGE (e.g. 7d), one of them")
+        raise EwError("say which versions to keep with one of --keep-versions N or --older-than AGE (e.g. 7d)")
     if keep_versions is not None and keep_versions < 1:
         raise EwError(f"--keep-versions {keep_versions}: keep at least 1 version (the latest)")
     started = time.perf_counter()
