@@ -270,3 +270,46 @@ def test_an_ingest_and_compactions_at_once_lose_nothing(warehouse_copy, tiny_ber
     assert rows(wh, "select count(*) as n, count(distinct id) as ids from documents") == [{"n": 300, "ids": 300}]
     assert rows(wh, "select count(*) as n from embeddings") == rows(wh, "select count(*) as n from (select distinct doc_hash, model, layer, pooling from embeddings)")
     assert verify(wh, deep=True).ok
+
+
+def run(*args, warehouse: Warehouse):
+    from click.testing import CliRunner
+
+    from pipelines.cli import cli
+
+    return CliRunner().invoke(cli, ["-w", str(warehouse.root)] + [str(a) for a in args])
+
+
+def test_the_commands_say_what_they_do_and_what_a_vacuumed_version_says(fitted_copy):
+    wh = fitted_copy
+    dry = run("compact", "--dry-run", warehouse=wh)
+    assert dry.exit_code == 0 and "documents: would rewrite 1 partitions, 3 files -> 1" in dry.output
+    first = wh.latest_version()
+    done = run("compact", warehouse=wh)
+    assert done.exit_code == 0 and f"warehouse version {first + 1};" in done.output
+    assert run("compact", warehouse=wh).output == "nothing to compact: no partition has more than one small file\n"
+
+    neither = run("vacuum", warehouse=wh)
+    assert (neither.exit_code, neither.stderr) == (
+        1, "Error: say which versions to keep with one of --keep-versions N or --older-than AGE (e.g. 7d)\n")
+    bad_age = run("vacuum", "--older-than", "soon", warehouse=wh)
+    assert bad_age.exit_code == 2 and "'soon' is not a number followed by s, m, h, d or w" in bad_age.stderr
+    plan = run("vacuum", "--keep-versions", "1", warehouse=wh)
+    assert plan.exit_code == 0 and plan.output.splitlines()[-1].endswith(
+        f"versions before {first + 1} would no longer be readable. Run again with --yes to delete them.")
+    vacuumed = run("vacuum", "--keep-versions", "1", "--yes", warehouse=wh)
+    assert vacuumed.exit_code == 0 and vacuumed.output.splitlines()[-1].endswith(
+        f"the oldest readable version is {first + 1} (recorded by version {first + 2})")
+    old = run("query", "select count(*) from documents", "--version", first, warehouse=wh)
+    assert (old.exit_code, old.stderr) == (1, f"Error: version {first} is no longer readable: `ew vacuum` deleted its "
+                                              f"files; the oldest readable version is {first + 1} (versions run "
+                                              f"{first + 1}..{first + 2}); see `ew log`\n")
+
+    (head,) = wh.heads()
+    removed = run("rm", "head", head.head, warehouse=wh)
+    assert removed.exit_code == 0 and removed.output.startswith(f"removed head {head.head} (warehouse version {first + 3};")
+    corpus = run("rm", "corpus", "debian", warehouse=wh)
+    assert corpus.output == (f"removed corpus debian: 240 documents (warehouse version {first + 4}; its files stay for "
+                             "readers of older versions until `ew vacuum`)\n")
+    missing = run("rm", "corpus", "debian", warehouse=wh)
+    assert missing.exit_code == 1 and missing.stderr.startswith("Error: no corpus named 'debian' (corpora: none yet)")
