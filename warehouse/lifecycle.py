@@ -97,10 +97,11 @@ def compact(warehouse: Warehouse, *, dry_run: bool = False, target_size: int = T
             plan = _plan(table, before, target_size)
             if not plan.partitions:
                 continue
-            writer.compact(table, target_size=target_size)
+            if not writer.compact(table, target_size=target_size).get("numFilesRemoved"):
+                continue  # deltalake found nothing to merge after all (and committed nothing)
             after = _files(warehouse, table, None)
-            done.append(TableCompaction(table, len(before), sum(before.values()), len(after), sum(after.values()),
-                                        plan.partitions))
+            done.append(TableCompaction(table, len(before), sum(size for size, _ in before.values()), len(after),
+                                        sum(size for size, _ in after.values()), plan.partitions))
         version = None
         if done:  # (the tables a compaction killed earlier compacted were adopted by the writer's settle)
             detail = {table.table: {"files_before": table.files_before, "files_after": table.files_after,
@@ -110,8 +111,9 @@ def compact(warehouse: Warehouse, *, dry_run: bool = False, target_size: int = T
     return CompactResult(dry_run=False, version=version, tables=tuple(done), seconds=time.perf_counter() - started)
 
 
-def _files(warehouse: Warehouse, table: str, version: int | None) -> dict[tuple[str, str], int]:
-    """(partition, path) -> size of every live file of ``table`` at a Delta version (None: newest; -1: none)."""
+def _files(warehouse: Warehouse, table: str, version: int | None) -> dict[tuple[str, str], tuple[int, int]]:
+    """(partition, path) -> (size, modification time) of every live file of ``table`` at a Delta version
+    (None: the newest; -1: the table did not exist yet)."""
     if version is not None and version < 0:
         return {}
     delta = warehouse._open_delta(table, version)
@@ -121,22 +123,32 @@ def _files(warehouse: Warehouse, table: str, version: int | None) -> dict[tuple[
     partition_columns = [name for name in actions.column_names if name.startswith("partition.")]
     partitions = zip(*(actions.column(name).to_pylist() for name in partition_columns)) if partition_columns else \
         ((),) * actions.num_rows
-    return {(str(partition), path): size for partition, path, size in
-            zip(partitions, actions.column("path").to_pylist(), actions.column("size_bytes").to_pylist())}
+    return {(str(partition), path): (size, modified) for partition, path, size, modified in zip(
+        partitions, actions.column("path").to_pylist(), actions.column("size_bytes").to_pylist(),
+        actions.column("modification_time").to_pylist())}
 
 
-def _plan(table: str, files: dict[tuple[str, str], int], target_size: int) -> TableCompaction:
-    """What compaction does to ``files``: in each partition, two or more files below the target size
-    are merged into files of about that size (as deltalake's compaction plans it)."""
-    small: dict[str, list[int]] = {}
-    for (partition, _), size in files.items():
+def _plan(table: str, files: dict[tuple[str, str], tuple[int, int]], target_size: int) -> TableCompaction:
+    """What compaction does to ``files``, as deltalake plans it: in each partition, the files below
+    the target size, in the order they were written, fill bins of at most that size; every bin of
+    two or more files becomes one file."""
+    small: dict[str, list[tuple[int, int]]] = {}
+    for (partition, _), (size, modified) in files.items():
         if size < target_size:
-            small.setdefault(partition, []).append(size)
-    merged = {partition: sizes for partition, sizes in small.items() if len(sizes) > 1}
-    removed = sum(len(sizes) for sizes in merged.values())
-    added = sum(math.ceil(sum(sizes) / target_size) for sizes in merged.values())
-    total = sum(files.values())
-    return TableCompaction(table, len(files), total, len(files) - removed + added, total, len(merged))
+            small.setdefault(partition, []).append((modified, size))
+    removed = added = partitions = 0
+    for written in small.values():
+        bins: list[list[int]] = [[]]
+        for _, size in sorted(written):
+            if bins[-1] and sum(bins[-1]) + size > target_size:
+                bins.append([])
+            bins[-1].append(size)
+        merged = [sizes for sizes in bins if len(sizes) > 1]
+        removed += sum(len(sizes) for sizes in merged)
+        added += len(merged)
+        partitions += bool(merged)
+    total = sum(size for size, _ in files.values())
+    return TableCompaction(table, len(files), total, len(files) - removed + added, total, partitions)
 
 
 # -- vacuum ----------------------------------------------------------------------------
