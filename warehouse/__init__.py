@@ -6,6 +6,7 @@ from .errors import (
     SelectionError,
     StorageError,
     VersionNotFoundError,
+    VersionVacuumedError,
     WarehouseLockedError,
     WarehouseNotFoundError,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "Snapshot",
     "StorageError",
     "VersionNotFoundError",
+    "VersionVacuumedError",
     "Warehouse",
     "WarehouseLockedError",
     "WarehouseNotFoundError",

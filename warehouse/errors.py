@@ -45,6 +45,20 @@ class VersionNotFoundError(EwError):
         super().__init__(f"version {version} does not exist ({known}); see `ew log`")
 
 
+class VersionVacuumedError(VersionNotFoundError):
+    """A version older than the oldest one `ew vacuum` kept: its files are gone."""
+
+    def __init__(self, version: int, oldest: int, latest: int):
+        self.version = version
+        self.oldest = oldest
+        self.latest = latest
+        EwError.__init__(
+            self,
+            f"version {version} is no longer readable: `ew vacuum` deleted its files; the oldest readable version "
+            f"is {oldest} (versions run {oldest}..{latest}); see `ew log`",
+        )
+
+
 class QueryError(EwError):
     """The SQL could not run (syntax, unknown column, ...)."""
 

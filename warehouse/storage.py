@@ -8,6 +8,8 @@ nothing above this module needs to know which one it has.
 """
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -50,3 +52,35 @@ class LocalStorage:
         for path in sorted(base.rglob("*")):
             if path.is_file():
                 yield str(path.relative_to(self.root)), path.stat().st_size
+
+    def children(self, relative: str) -> list[str]:
+        """The entries directly below ``relative`` (paths relative to the root), sorted; none if it is missing."""
+        base = self.root / relative
+        if not base.is_dir():
+            return []
+        return sorted(str(path.relative_to(self.root)) for path in base.iterdir())
+
+    def modified_at(self, relative: str) -> float:
+        """The newest modification time (seconds since the epoch) of ``relative`` and the entries directly in it."""
+        base = self.root / relative
+        times = [base.stat().st_mtime]
+        if base.is_dir():
+            times += [path.stat().st_mtime for path in base.iterdir()]
+        return max(times)
+
+    def delete(self, relative: str) -> None:
+        """Delete a file, or a directory and everything below it. A missing one is no error: a
+        rerun after a crash deletes what is left."""
+        path = self.root / relative
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+    def remove_empty_dir(self, relative: str) -> bool:
+        """Remove the directory ``relative`` if it is empty; whether it was removed."""
+        try:
+            os.rmdir(self.root / relative)
+        except OSError:  # not empty, or gone already
+            return False
+        return True

@@ -346,6 +346,39 @@ class Writer:
         except Exception as error:
             raise StorageError(f"removing head {name!r} failed ({first_line(error)}); run the command again") from None
 
+    def remove_corpus(self, corpus: str) -> int:
+        """Delete every ``documents`` row of ``corpus`` in one Delta commit (whole partition files
+        leave the table; they stay on disk for older versions until a vacuum); returns the rows deleted."""
+        delta = self.warehouse._open_delta(DOCUMENTS)
+        if delta is None:
+            return 0
+        escaped = corpus.replace("'", "''")
+        try:
+            metrics = delta.delete(f"corpus = '{escaped}'")
+        except BaseException as error:
+            if not _is_failure(error):
+                raise
+            raise StorageError(f"removing corpus {corpus!r} failed ({first_line(error)}); the warehouse stays at its "
+                               "last version: run the command again") from None
+        return int(metrics.get("num_deleted_rows") or 0)
+
+    def compact(self, table: str, *, target_size: int) -> dict:
+        """Rewrite the small files of each partition of ``table`` into files of about ``target_size``
+        bytes: one Delta commit that removes them and adds the new ones with the same rows (in the
+        same order), so older Delta versions still read the old files. Returns deltalake's metrics."""
+        delta = self.warehouse._open_delta(table)
+        if delta is None:
+            return {}
+        try:
+            return delta.optimize.compact(target_size=target_size, writer_properties=WRITER_PROPERTIES.get(table))
+        except BaseException as error:
+            if not _is_failure(error):
+                raise
+            raise StorageError(
+                f"compacting the {table} table failed ({first_line(error)}); the warehouse stays at its last version: "
+                "check free space, then run `ew compact` again"
+            ) from None
+
     def settle(self) -> int | None:
         """Adopt table commits that no warehouse version pins yet (a writer killed before its
         log commit) in a ``recover`` version; returns that version, or None when all was pinned.

@@ -6,6 +6,10 @@ exactly as that commit left them, even while another process writes. Writes to t
 that no log row points at yet (a writer killed mid-commit) are invisible to every pinned
 reader until the next writer settles them (:meth:`warehouse.store.Writer.settle`).
 
+`ew vacuum` deletes the files of old versions; the ``vacuum`` row that precedes the deletion
+records the oldest version still readable (``detail.oldest_version``), and reading one below it
+is a :class:`VersionVacuumedError` naming that version.
+
 Rows written before ``pins`` existed carry one ``<table>_version`` column per table; they
 read the same.
 """
@@ -18,7 +22,7 @@ from datetime import datetime
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .errors import VersionNotFoundError
+from .errors import VersionNotFoundError, VersionVacuumedError
 from .tables import TABLES
 
 
@@ -80,6 +84,16 @@ def entries(log: pa.Table) -> list[LogEntry]:
     ]
 
 
+#: The operation of the log row that records the oldest readable version (``detail.oldest_version``).
+VACUUM = "vacuum"
+
+
+def oldest_readable(log: pa.Table) -> int:
+    """The oldest version whose files `ew vacuum` kept (0: nothing was vacuumed)."""
+    vacuums = log.filter(pc.equal(log.column("operation"), VACUUM)).column("detail").to_pylist()
+    return max((int(json.loads(detail or "{}").get("oldest_version", 0)) for detail in vacuums), default=0)
+
+
 def snapshot_of(log: pa.Table, version: int | None = None) -> Snapshot:
     """The snapshot of ``version`` (default: the latest) in the log table; VersionNotFoundError if absent."""
     if log.num_rows == 0:
@@ -91,4 +105,6 @@ def snapshot_of(log: pa.Table, version: int | None = None) -> Snapshot:
     rows = log.filter(pc.equal(log.column("version"), wanted)).to_pylist() if 0 <= wanted <= latest else []
     if not rows:
         raise VersionNotFoundError(wanted, latest)
+    if version is not None and version < (oldest := oldest_readable(log)):
+        raise VersionVacuumedError(version, oldest, latest)
     return Snapshot(version=wanted, committed_at=rows[0]["committed_at"], table_versions=pins_of(rows[0]))
