@@ -38,7 +38,7 @@ from .versions import Snapshot, snapshot_of
 from .versions import entries as log_entries
 
 
-WRITERS = "`ew ingest`, `ew fit-head` or `ew heads rm`"
+WRITERS = "`ew ingest`, `ew fit-head`, `ew heads rm`, `ew compact`, `ew vacuum` or `ew rm`"
 
 
 def check_tables(warehouse: Warehouse, *, deep: bool = False) -> VerifyReport:

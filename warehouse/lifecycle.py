@@ -23,7 +23,6 @@ same way), so nothing is lost and the command is run again after the other one.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
