@@ -124,6 +124,46 @@ def build_head(config: HeadConfig) -> "torch.nn.Module":
     return nn.Sequential(OrderedDict(layers))
 
 
+def standardized_head(config: HeadConfig, mean: np.ndarray, std: np.ndarray) -> "torch.nn.Module":
+    """A fresh head behind a fixed ``(x - mean) / std`` (both (D,)): trains as on standardized inputs.
+
+    Built under the same seed it starts from the same weights as :func:`build_head` (the
+    scaling draws no random numbers). :func:`fold_standardization` turns it back into a plain head.
+    """
+    torch = require_torch()
+    mean, std = (np.asarray(v, dtype=np.float32).reshape(-1) for v in (mean, std))
+    if mean.shape != (config.input_dim,) or std.shape != (config.input_dim,) or not np.all(std > 0):
+        raise HeadError(f"standardization needs a mean and a positive std of {config.input_dim} values each, "
+                        f"got shapes {mean.shape} and {std.shape}")
+
+    class Standardize(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("mean", torch.from_numpy(mean.copy()))
+            self.register_buffer("std", torch.from_numpy(std.copy()))
+
+        def forward(self, x):  # (B, D) -> (B, D)
+            return (x - self.mean) / self.std
+
+    return torch.nn.Sequential(OrderedDict([("standardize", Standardize()), ("head", build_head(config))]))
+
+
+def fold_standardization(module: "torch.nn.Module") -> "torch.nn.Module":
+    """The plain head of a :func:`standardized_head`, its first layer rewritten to read raw inputs.
+
+    W (x - m) / s + b == (W / s) x + (b - (W / s) m): the same logits up to float32 rounding, so the
+    saved head needs no extra tensor, every ew that reads heads runs it, and NumPy needs nothing new.
+    """
+    torch = require_torch()
+    head, scale = module.head, module.standardize
+    first = head.hidden if hasattr(head, "hidden") else head.out
+    with torch.no_grad():
+        weight = first.weight.double() / scale.std.double()  # (H, D) / (D,)
+        first.bias.copy_(first.bias.double() - weight @ scale.mean.double())
+        first.weight.copy_(weight)
+    return head
+
+
 def _check_weights(weights: dict[str, np.ndarray], config: HeadConfig, where: str) -> None:
     expected = config.weight_shapes()
     if set(weights) != set(expected):
