@@ -18,12 +18,12 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from pipelines.heads import HeadConfig, build_head, fold_standardization, require_torch, standardized_head
+from pipelines.heads import MEMBERS, HeadConfig, build_head, fold_standardization, require_torch, standardized_head
 from pipelines.errors import HeadError
 
 if TYPE_CHECKING:
@@ -38,7 +38,7 @@ Batches = Iterable[tuple["np.ndarray | tuple[np.ndarray, ...]", np.ndarray]]
 
 @dataclass(frozen=True)
 class TrainConfig:
-    kind: str = "mlp"  # "mlp" or "linear", see HeadConfig
+    kind: str = "mlp"  # "mlp", "linear" or "ensemble" (train_head only), see HeadConfig
     hidden: int = 64  # mlp width
     dropout: float = 0.1  # mlp only
     activation: str = "gelu"  # mlp only: "gelu" (tanh approximation) or "relu"
@@ -79,6 +79,8 @@ class TrainResult:
     history: tuple[EpochStats, ...]
     best_epoch: int  # 1-based; the epoch whose weights `module` holds
     seconds: float
+    # kind "ensemble": per member, its best epoch, epochs run and history (history/best_epoch above: the mlp's)
+    members: dict = field(default_factory=dict)
 
 
 _DONE = object()
@@ -272,6 +274,20 @@ def train_head(
         raise HeadError("standardize and class_weight='balanced' need the training split's moments (input_moments)")
     if class_weights is None and config.class_weight == "balanced":
         class_weights = moments.balanced_weights()
+    if config.kind == "ensemble":  # each member trains as it would alone; their probabilities are averaged
+        members = {kind: train_head(train_batches=train_batches, val_batches=val_batches, steps_per_epoch=steps_per_epoch,
+                                    input_dim=input_dim, num_classes=num_classes, config=replace(config, kind=kind),
+                                    class_weights=class_weights, moments=moments) for kind in MEMBERS}
+        with require_torch().random.fork_rng(devices=[]):  # the random init is overwritten at once
+            module = build_head(head_config)
+        for kind, member in members.items():
+            module[kind].load_state_dict(member.module.state_dict())
+        first = members[MEMBERS[0]]
+        return TrainResult(module=module.eval(), config=head_config, history=first.history, best_epoch=first.best_epoch,
+                           seconds=sum(member.seconds for member in members.values()),
+                           members={kind: {"best_epoch": m.best_epoch, "epochs": len(m.history),
+                                           "history": [asdict(epoch) for epoch in m.history]}
+                                    for kind, m in members.items()})
     build = (lambda: standardized_head(head_config, moments.mean, moments.std)) if config.standardize else \
         (lambda: build_head(head_config))
     result = train_module(

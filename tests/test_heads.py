@@ -225,3 +225,20 @@ def test_heads_written_before_standardization_still_load_and_predict(tmp_path, o
     assert head.card.format == (1 if old_format else 2)
     with torch.no_grad():
         np.testing.assert_array_equal(head.predict(x), module(torch.from_numpy(x)).argmax(1).numpy())
+
+
+def test_ensemble_head_averages_its_members_probabilities_in_torch_and_numpy(tmp_path):
+    config = HeadConfig(kind="ensemble", input_dim=16, num_classes=3, hidden=8)
+    torch.manual_seed(0)
+    module = build_head(config).eval()
+    assert set(module.state_dict()) == set(config.weight_shapes())
+    assert config.parameters == HeadConfig("mlp", 16, 3, hidden=8).parameters + HeadConfig("linear", 16, 3).parameters
+    save_head(tmp_path / "both", module, head_card(config))
+    head = load_head(tmp_path / "both")
+    x = np.random.default_rng(1).normal(size=(50, 16)).astype(np.float32) * 3
+    with torch.no_grad():
+        members = [torch.softmax(module[kind](torch.from_numpy(x)), dim=1).numpy() for kind in ("mlp", "linear")]
+        expected = torch.softmax(module(torch.from_numpy(x)), dim=1).numpy()
+    np.testing.assert_allclose(expected, (members[0] + members[1]) / 2, atol=1e-6)
+    np.testing.assert_allclose(head.predict_proba(x), expected, atol=1e-5)
+    np.testing.assert_array_equal(head.predict(x), expected.argmax(1))

@@ -258,3 +258,17 @@ def test_unknown_selection_or_class_weight_is_a_head_error():
         TrainConfig(select="f1")
     with pytest.raises(HeadError, match="unknown class weight 'auto': choose one of balanced, none"):
         TrainConfig(class_weight="auto")
+
+
+def test_ensemble_trains_each_member_as_alone_and_averages_them():
+    train, val = blobs(300, seed=1), blobs(100, seed=2)
+    options = dict(epochs=3, patience=0, standardize=True, select="macro_f1")
+    both = fit(train, val, kind="ensemble", **options)
+    alone = {kind: fit(train, val, kind=kind, **options) for kind in ("mlp", "linear")}
+    assert set(both.members) == {"mlp", "linear"} and both.config.kind == "ensemble"
+    for kind, result in alone.items():
+        for name, tensor in result.module.state_dict().items():
+            assert torch.equal(both.module.state_dict()[f"{kind}.{name}"], tensor)
+        assert both.members[kind]["best_epoch"] == result.best_epoch
+    y_true, y_pred = predict_batches(both.module, batched(*val))
+    assert (y_true == y_pred).mean() > 0.95
