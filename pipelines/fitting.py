@@ -216,8 +216,9 @@ def _train_on_best_layer(warehouse: Warehouse, row, train, *, version: int | Non
     from .layer_choice import LayerScore, choose_layer, stored_layers
 
     def score(layer: int, trained: Trained) -> LayerScore:
-        kept = trained.history[trained.card.best_epoch - 1]
-        return LayerScore(layer=layer, val_accuracy=kept.val_accuracy, val_macro_f1=kept.val_macro_f1)
+        # the head that is kept: an ensemble's own validation scores, else its kept epoch's
+        kept = trained.card.hyperparameters.get("members", {}).get("ensemble") or asdict(trained.history[trained.card.best_epoch - 1])
+        return LayerScore(layer=layer, val_accuracy=kept["val_accuracy"], val_macro_f1=kept["val_macro_f1"])
 
     layers = stored_layers(warehouse, model=row.model, pooling=row.pooling, version=version)
     _, trained, scores = choose_layer(layers, train=train, score=score)

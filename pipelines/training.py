@@ -79,7 +79,8 @@ class TrainResult:
     history: tuple[EpochStats, ...]
     best_epoch: int  # 1-based; the epoch whose weights `module` holds
     seconds: float
-    # kind "ensemble": per member, its best epoch, epochs run and history (history/best_epoch above: the mlp's)
+    # kind "ensemble": per member, its best epoch, epochs run and history (history/best_epoch above: the mlp's),
+    # and under "ensemble" the averaged head's validation loss, accuracy and macro-F1
     members: dict = field(default_factory=dict)
 
 
@@ -282,12 +283,17 @@ def train_head(
             module = build_head(head_config)
         for kind, member in members.items():
             module[kind].load_state_dict(member.module.state_dict())
+        torch = require_torch()
+        weight = _class_weight_tensor(torch, class_weights, num_classes)
+        val_loss, val_accuracy, val_macro_f1 = _evaluate(torch, module, val_batches(), weight, num_classes)
         first = members[MEMBERS[0]]
         return TrainResult(module=module.eval(), config=head_config, history=first.history, best_epoch=first.best_epoch,
                            seconds=sum(member.seconds for member in members.values()),
                            members={kind: {"best_epoch": m.best_epoch, "epochs": len(m.history),
                                            "history": [asdict(epoch) for epoch in m.history]}
-                                    for kind, m in members.items()})
+                                    for kind, m in members.items()}
+                           | {"ensemble": {"val_loss": val_loss, "val_accuracy": val_accuracy,
+                                           "val_macro_f1": val_macro_f1}})
     build = (lambda: standardized_head(head_config, moments.mean, moments.std)) if config.standardize else \
         (lambda: build_head(head_config))
     result = train_module(

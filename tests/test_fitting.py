@@ -22,7 +22,7 @@ def test_fit_head_stores_a_self_describing_head(fitted):
     assert card.hyperparameters["lr"] == 1e-3 and card.hyperparameters["kind"] == "ensemble" == card.config.kind
     assert card.hyperparameters["standardize"] and card.hyperparameters["select"] == "macro_f1"
     assert card.hyperparameters["class_weight"] == "none" and card.hyperparameters["patience"] == 6
-    assert set(card.hyperparameters["members"]) == {"mlp", "linear"}
+    assert set(card.hyperparameters["members"]) == {"mlp", "linear", "ensemble"}
     assert set(card.metrics) >= {"accuracy", "macro_f1", "per_class", "confusion"}
     assert row.card_dict() == card.to_dict()  # the catalog row carries the card as stored
     assert (fitted.root / row.artifact / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

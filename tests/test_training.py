@@ -265,10 +265,11 @@ def test_ensemble_trains_each_member_as_alone_and_averages_them():
     options = dict(epochs=3, patience=0, standardize=True, select="macro_f1")
     both = fit(train, val, kind="ensemble", **options)
     alone = {kind: fit(train, val, kind=kind, **options) for kind in ("mlp", "linear")}
-    assert set(both.members) == {"mlp", "linear"} and both.config.kind == "ensemble"
+    assert set(both.members) == {"mlp", "linear", "ensemble"} and both.config.kind == "ensemble"
     for kind, result in alone.items():
         for name, tensor in result.module.state_dict().items():
             assert torch.equal(both.module.state_dict()[f"{kind}.{name}"], tensor)
         assert both.members[kind]["best_epoch"] == result.best_epoch
     y_true, y_pred = predict_batches(both.module, batched(*val))
     assert (y_true == y_pred).mean() > 0.95
+    assert both.members["ensemble"]["val_accuracy"] == (y_true == y_pred).mean()  # the averaged head's own score
