@@ -1,25 +1,30 @@
-"""Heads on stored embeddings: ew fit-head beside scikit-learn, and streamed vs in-memory epochs.
+"""Heads on stored embeddings: ew fit-head's default head beside scikit-learn, at every layer and corpus size.
 
-    python -m bench.fit_head [--warehouse bench/.warehouse] [--docs N] [--threads N]
+    python -m bench.fit_head [--warehouse bench/.warehouse] [--sizes 1000,4000,10000] [--layers all]
+                             [--offset 10000] [--threads N] [--timing]
 
-On the whole Debian corpus (label `section`, model `minilm`, last layer) prints and writes
-(bench/results/fit_head.json): the MLP head's test accuracy and macro-F1 beside scikit-learn
-LogisticRegression fit on the same train split; the time of one training epoch streamed from
-the warehouse beside one over the same vectors held in NumPy memory; the peak RSS of
-`ew fit-head`. The warehouse is kept, so a second run embeds nothing.
+For each size N, lines OFFSET+1 .. OFFSET+N of the Debian corpus are ingested as corpus
+``debian-N`` with model ``minilm`` (vectors of a text stored once are reused by every size), and
+for every stored layer the default ``ew fit-head --label section`` is trained and tested beside
+scikit-learn ``LogisticRegression(max_iter=1000)`` fit on the same train split of the same
+vectors; then ``--layer auto`` is run and its pick compared with the best layer on test.
+Targets: the head not below logistic regression on accuracy or macro-F1 anywhere; auto's test
+accuracy within 0.5 points of the best layer's. ``--timing`` also times one training epoch
+streamed from the warehouse beside one over the same vectors in NumPy memory (largest size,
+last layer). Prints a table and writes bench/results/fit_head.json; the warehouse is kept, so
+a second run embeds nothing.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import resource
-import subprocess
-import sys
+import gzip
+import itertools
 import time
 from pathlib import Path
 
 import numpy as np
 
+from pipelines.fitting import fit_head
 from pipelines.ingest import ingest
 from pipelines.metrics import classification_metrics
 from warehouse import Warehouse
@@ -30,6 +35,7 @@ from warehouse.splits import LabelledVectors
 from .common import DATA, save
 
 HERE = Path(__file__).resolve().parent
+LABEL = "section"
 
 
 def load_split(data: LabelledVectors, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -37,8 +43,33 @@ def load_split(data: LabelledVectors, split: str) -> tuple[np.ndarray, np.ndarra
     return np.concatenate(xs), np.concatenate(ys)
 
 
+def corpus_file(directory: Path, *, offset: int, size: int) -> Path:
+    """Lines offset+1 .. offset+size of the Debian corpus (fewer if it ends first), as a JSONL file."""
+    path = directory / f"debian-{size}.jsonl"
+    if not path.exists():
+        with gzip.open(DATA, "rt", encoding="utf-8") as source:
+            path.write_text("".join(itertools.islice(source, offset, offset + size)), encoding="utf-8")
+    return path
+
+
+def logistic_regression(wh: Warehouse, *, model: str, layer: int, pooling: str, corpus: str) -> tuple[dict, float]:
+    """Test accuracy and macro-F1 of scikit-learn's LogisticRegression on ew's split of the same vectors."""
+    from sklearn.linear_model import LogisticRegression
+
+    with LabelledVectors(wh, model=model, layer=layer, pooling=pooling,
+                         documents=DocumentFilter(label=LABEL, corpus=corpus)) as data:
+        stats = data.assemble()
+        x_train, y_train = load_split(data, "train")
+        x_test, y_test = load_split(data, "test")
+    started = time.perf_counter()
+    logistic = LogisticRegression(max_iter=1000).fit(x_train, y_train)
+    seconds = time.perf_counter() - started
+    metrics = classification_metrics(y_test, logistic.predict(x_test), classes=stats.classes)
+    return {"accuracy": metrics.accuracy, "macro_f1": metrics.macro_f1}, seconds
+
+
 def epoch_seconds(batches_for_epoch, *, dim: int, classes: int, epochs: int = 3) -> float:
-    """Median seconds of one training epoch of the default MLP over the batches given."""
+    """Median seconds of one training epoch of an MLP head over the batches given."""
     import torch
 
     from pipelines.heads import HeadConfig, build_head
@@ -61,81 +92,97 @@ def epoch_seconds(batches_for_epoch, *, dim: int, classes: int, epochs: int = 3)
     return float(np.median(times))
 
 
+def timing(wh: Warehouse, *, model: str, layer: int, pooling: str, corpus: str, batch_size: int) -> dict:
+    with LabelledVectors(wh, model=model, layer=layer, pooling=pooling,
+                         documents=DocumentFilter(label=LABEL, corpus=corpus)) as data:
+        stats = data.assemble()
+        x_train, y_train = load_split(data, "train")
+        streamed = epoch_seconds(lambda e: data.batches("train", batch_size=batch_size, epoch=e),
+                                 dim=stats.dim, classes=len(stats.classes))
+
+        def in_memory(epoch: int):
+            order = np.random.default_rng(epoch).permutation(len(x_train))
+            for start in range(0, len(order), batch_size):
+                rows = order[start : start + batch_size]
+                yield x_train[rows], y_train[rows]
+
+        held = epoch_seconds(in_memory, dim=stats.dim, classes=len(stats.classes))
+    return {"streamed_epoch_seconds": round(streamed, 4), "in_memory_epoch_seconds": round(held, 4),
+            "streamed_over_in_memory": round(streamed / held, 3)}
+
+
+def measure_size(wh: Warehouse, *, size: int, path: Path, layers: str, threads: int) -> dict:
+    corpus = f"debian-{size}"
+    ingested = ingest(wh, path, model="minilm", corpus=corpus, layers=layers, threads=threads, progress=None)
+    print(f"{corpus}: embedded {ingested.embedded:,}, reused {ingested.reused:,} in {ingested.seconds:.0f}s")
+    stamp = int(time.time())
+    rows = []
+    for layer in ingested.layers:
+        fit = fit_head(wh, label=LABEL, model=ingested.model, layer=layer, corpus=corpus,
+                       name=f"bench-{size}-{layer}-{stamp}", threads=threads)
+        baseline, lr_seconds = logistic_regression(wh, model=fit.model, layer=layer, pooling=fit.pooling, corpus=corpus)
+        rows.append({"layer": layer, "train": fit.train, "val": fit.val, "test": fit.test,
+                     "head_accuracy": fit.accuracy, "head_macro_f1": fit.macro_f1,
+                     "lr_accuracy": baseline["accuracy"], "lr_macro_f1": baseline["macro_f1"],
+                     "head_train_seconds": fit.train_seconds, "lr_seconds": round(lr_seconds, 2)})
+        print(f"  layer {layer}: head {fit.accuracy:.4f} / {fit.macro_f1:.4f}   "
+              f"LogisticRegression {baseline['accuracy']:.4f} / {baseline['macro_f1']:.4f}   "
+              f"(rows {fit.train}/{fit.val}/{fit.test})")
+    result = {"size": size, "corpus": corpus, "model": ingested.model, "layers": rows}
+    if len(rows) > 1:
+        auto = fit_head(wh, label=LABEL, model=ingested.model, layer="auto", corpus=corpus,
+                        name=f"bench-{size}-auto-{stamp}", threads=threads)
+        best = max(rows, key=lambda row: row["head_accuracy"])
+        result["auto"] = {"layer": auto.layer, "accuracy": auto.accuracy, "macro_f1": auto.macro_f1,
+                          "best_layer": best["layer"], "best_accuracy": best["head_accuracy"],
+                          "points_below_best": round(100 * (best["head_accuracy"] - auto.accuracy), 2),
+                          "validation": auto.layer_scores}
+        print(f"  --layer auto chose layer {auto.layer}: test accuracy {auto.accuracy:.4f}; the best layer on test "
+              f"is {best['layer']} ({best['head_accuracy']:.4f})")
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--warehouse", type=Path, default=HERE / ".warehouse")
+    parser.add_argument("--sizes", default="1000,4000,10000", help="Corpus sizes in documents; 0 = the whole corpus.")
+    parser.add_argument("--offset", type=int, default=10_000, help="First line (0-based) of every sample.")
+    parser.add_argument("--layers", default="all", help="Layers to ingest and compare: all, last, or a list like 3,6.")
     parser.add_argument("--threads", type=int, default=usable_cores())
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--timing", action="store_true", help="Also time streamed vs in-memory epochs.")
     args = parser.parse_args()
 
     import torch
 
     torch.set_num_threads(1)  # as ew fit-head does: a tiny head trains fastest on one thread
     wh = Warehouse.open(args.warehouse, create=True)
-    ingested = ingest(wh, DATA, model="minilm", layers="last", threads=args.threads, progress=None)
-    print(f"ingest: embedded {ingested.embedded:,}, reused {ingested.reused:,} in {ingested.seconds:.0f}s")
-
-    name = f"bench-{int(time.time())}"
-    started = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "-w", str(args.warehouse), "fit-head", "--label", "section",
-         "--model", ingested.model, "--name", name, "--threads", str(args.threads), "--json"],
-        capture_output=True, text=True,
-    )
-    fit_wall = time.perf_counter() - started
-    if done.returncode != 0:
-        raise SystemExit(f"ew fit-head failed:\n{done.stderr}")
-    fit = json.loads(done.stdout)
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-
-    from sklearn.linear_model import LogisticRegression
-
-    with LabelledVectors(wh, model=fit["model"], layer=fit["layer"], pooling=fit["pooling"],
-                         documents=DocumentFilter(label="section")) as data:
-        stats = data.assemble()
-        x_train, y_train = load_split(data, "train")
-        x_test, y_test = load_split(data, "test")
-        started = time.perf_counter()
-        logistic = LogisticRegression(max_iter=1000).fit(x_train, y_train)
-        logistic_seconds = time.perf_counter() - started
-        baseline = classification_metrics(y_test, logistic.predict(x_test), classes=stats.classes)
-
-        streamed = epoch_seconds(lambda e: data.batches("train", batch_size=args.batch_size, epoch=e),
-                                 dim=stats.dim, classes=len(stats.classes))
-
-        def in_memory(epoch: int):
-            order = np.random.default_rng(epoch).permutation(len(x_train))
-            for start in range(0, len(order), args.batch_size):
-                rows = order[start : start + args.batch_size]
-                yield x_train[rows], y_train[rows]
-
-        held = epoch_seconds(in_memory, dim=stats.dim, classes=len(stats.classes))
-
-    result = {
-        "config": {"label": "section", "model": fit["model"], "layer": fit["layer"], "threads": args.threads,
-                   "batch_size": args.batch_size, "head": fit["head"], "warehouse_version": fit["version"]},
-        "rows": {"train": fit["train"], "val": fit["val"], "test": fit["test"]},
-        "mlp_accuracy": fit["accuracy"],
-        "mlp_macro_f1": fit["macro_f1"],
-        "logistic_regression_accuracy": baseline.accuracy,
-        "logistic_regression_macro_f1": baseline.macro_f1,
-        "accuracy_points_vs_logistic": round(100 * (fit["accuracy"] - baseline.accuracy), 2),
-        "fit_head_train_seconds": fit["train_seconds"],
-        "fit_head_wall_seconds": round(fit_wall, 2),
-        "logistic_regression_seconds": round(logistic_seconds, 2),
-        "streamed_epoch_seconds": round(streamed, 4),
-        "in_memory_epoch_seconds": round(held, 4),
-        "streamed_over_in_memory": round(streamed / held, 3),
-        "fit_head_peak_rss_mb": round(peak_rss_mb, 1),
-    }
-    path = save("fit_head", result)
-    print(f"fit-head on {DATA.name} (label section, {fit['model']} layer {fit['layer']}, {args.threads} threads)")
-    print(f"  MLP head          accuracy {fit['accuracy']:.4f}  macro-F1 {fit['macro_f1']:.4f}  ({fit['train_seconds']:.1f}s training)")
-    print(f"  LogisticRegression accuracy {baseline.accuracy:.4f}  macro-F1 {baseline.macro_f1:.4f}  ({logistic_seconds:.1f}s)")
-    print(f"  accuracy difference {result['accuracy_points_vs_logistic']:+.2f} points")
-    print(f"  one epoch streamed {streamed:.3f}s vs in memory {held:.3f}s: ratio {streamed / held:.2f}x")
-    print(f"  peak RSS of ew fit-head {peak_rss_mb:.0f} MB")
-    print(f"  written to {path}")
+    samples = args.warehouse.parent / f"{args.warehouse.name}-samples"
+    samples.mkdir(parents=True, exist_ok=True)
+    results = []
+    for size in (int(s) for s in args.sizes.split(",")):
+        offset = 0 if size == 0 else args.offset
+        path = DATA if size == 0 else corpus_file(samples, offset=offset, size=size)
+        results.append(measure_size(wh, size=size or 63_666, path=path, layers=args.layers, threads=args.threads))
+    report = {"config": {"label": LABEL, "model": "minilm", "offset": args.offset, "threads": args.threads,
+                         "layers": args.layers, "head": "fit_head defaults"}, "sizes": results}
+    if args.timing:
+        last = results[-1]
+        report["timing"] = timing(wh, model=last["model"], layer=last["layers"][-1]["layer"], pooling="mean",
+                                  corpus=last["corpus"], batch_size=args.batch_size)
+    path = save("fit_head", report)
+    print("\n| docs | layer | head acc | LR acc | head macro-F1 | LR macro-F1 |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    for size in results:
+        for row in size["layers"]:
+            print(f"| {size['size']:,} | {row['layer']} | {row['head_accuracy']:.3f} | {row['lr_accuracy']:.3f} | "
+                  f"{row['head_macro_f1']:.3f} | {row['lr_macro_f1']:.3f} |")
+    for size in results:
+        if "auto" in size:
+            auto = size["auto"]
+            print(f"{size['size']:,} docs: --layer auto chose {auto['layer']} ({auto['accuracy']:.3f}), "
+                  f"best layer {auto['best_layer']} ({auto['best_accuracy']:.3f}): {auto['points_below_best']:+.2f} points")
+    print(f"written to {path}")
 
 
 if __name__ == "__main__":

@@ -211,17 +211,20 @@ def models(ctx: click.Context, available: bool, version: int | None, as_json: bo
 @cli.command("fit-head")
 @click.option("--label", required=True, help="Field of documents to predict (e.g. section).")
 @click.option("--model", "-m", help="Registered model key, unique key prefix or alias (default: the only model stored).")
-@click.option("--layer", type=click.IntRange(min=0), help="Layer whose vectors to train on (default: the last).")
+@click.option("--layer", type=_LayerOrAuto(), help="Layer whose vectors to train on (default: the last), or auto: the best of the stored layers on validation.")
 @click.option("--pooling", type=click.Choice(["mean", "cls"]), help="Pooling of the model's vectors (default: the model's).")
 @click.option("--corpus", help="Only documents of this corpus.")
 @click.option("--where", help="Only documents matching this SQL condition on documents, e.g. \"priority = 'optional'\".")
-@click.option("--head", "kind", type=click.Choice(["mlp", "linear"]), default="mlp", show_default=True)
+@click.option("--head", "kind", type=click.Choice(["ensemble", "mlp", "linear"]), help="Head kind (default: ensemble, an mlp and a linear head averaged; mlp with --from-layer).")
 @click.option("--hidden", type=click.IntRange(min=1), default=64, show_default=True, help="MLP hidden width.")
-@click.option("--epochs", type=click.IntRange(min=1), help="At most; early stopping on validation loss. Default: 30, or 3 with --from-layer.")
+@click.option("--epochs", type=click.IntRange(min=1), help="At most; early stopping on the --select score. Default: 30, or 3 with --from-layer.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=1e-5, show_default=True)
-@click.option("--patience", type=click.IntRange(min=0), default=3, show_default=True, help="Epochs without a better validation loss before stopping.")
+@click.option("--patience", type=click.IntRange(min=0), default=6, show_default=True, help="Epochs without a better validation score before stopping.")
+@click.option("--standardize/--no-standardize", default=True, show_default=True, help="Scale inputs by the training split's mean and std (folded into the saved weights).")
+@click.option("--class-weight", type=click.Choice(["none", "balanced"]), default="none", show_default=True, help="balanced: every class weighs the same in the loss, whatever its size.")
+@click.option("--select", type=click.Choice(["macro_f1", "loss"]), default="macro_f1", show_default=True, help="Keep the epoch with the best validation macro-F1, or the lowest validation loss.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the split, the shuffling and the weights.")
 @click.option("--split", default="80,10,10", show_default=True, help="train,val,test percentages.")
 @click.option("--name", help="Head name (default: LABEL-TIMESTAMP).")
@@ -245,7 +248,11 @@ def fit_head(ctx: click.Context, as_json: bool, **options) -> None:
     if as_json:
         click.echo(json.dumps(result.to_dict()))
         return
-    if result.layer_scores:
+    if result.layer_scores and result.tune == "head":
+        for layer, score in sorted(result.layer_scores.items()):
+            click.echo(f"--layer auto: layer {layer}: validation accuracy {score['val_accuracy']:.4f}, "
+                       f"macro-F1 {score['val_macro_f1']:.4f}" + ("  <- chosen" if layer == result.layer else ""))
+    elif result.layer_scores:
         scores = ", ".join(f"layer {k}: {v:.4f}" for k, v in sorted(result.layer_scores.items()))
         click.echo(f"--from-layer auto: validation accuracy after one epoch: {scores}; chose layer {result.from_layer}")
     trained = (f"{result.kind} on {result.model} layer {result.layer}" if result.tune == "head" else

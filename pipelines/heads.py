@@ -18,6 +18,7 @@ torch is needed only to train (:func:`build_head`); :func:`load_head` and
 from __future__ import annotations
 
 import json
+import math
 import operator
 import os
 import shutil
@@ -44,13 +45,16 @@ READABLE_FORMATS = (1, 2, 3)
 TUNES = ("head", "top", "lora")  # head: a head on pooled vectors; top/lora: layers above K + head, on token states
 WEIGHTS_FILE = "head.safetensors"
 CARD_FILE = "head.json"
-KINDS = ("mlp", "linear")
+KINDS = ("mlp", "linear", "ensemble")
+MEMBERS = ("mlp", "linear")  # an ensemble head: these two heads, trained apart, their probabilities averaged
 ACTIVATIONS = ("gelu", "relu")
 
 
 @dataclass(frozen=True)
 class HeadConfig:
-    kind: str  # "mlp": input -> hidden -> activation -> dropout -> classes; "linear": multinomial logistic regression
+    # "mlp": input -> hidden -> activation -> dropout -> classes; "linear": multinomial logistic regression;
+    # "ensemble": an mlp and a linear head of this config, trained apart, their probabilities averaged
+    kind: str
     input_dim: int  # D, the width of the pooled embedding
     num_classes: int  # C
     hidden: int = 64  # mlp only; D=384, C=60 gives 28,540 parameters
@@ -78,8 +82,14 @@ class HeadConfig:
             raise HeadError(f"dropout must be in [0, 1), got {self.dropout!r}")
         object.__setattr__(self, "dropout", float(self.dropout))
 
+    def member(self, kind: str) -> "HeadConfig":
+        """The config of one member of an ensemble head."""
+        return replace(self, kind=kind)
+
     def weight_shapes(self) -> dict[str, tuple[int, ...]]:
         """The tensors a head of this config holds, by state-dict name."""
+        if self.kind == "ensemble":
+            return {f"{kind}.{name}": shape for kind in MEMBERS for name, shape in self.member(kind).weight_shapes().items()}
         if self.kind == "linear":
             return {"out.weight": (self.num_classes, self.input_dim), "out.bias": (self.num_classes,)}
         return {
@@ -111,6 +121,8 @@ def build_head(config: HeadConfig) -> "torch.nn.Module":
     """
     torch = require_torch()
     nn = torch.nn
+    if config.kind == "ensemble":
+        return _ensemble_class(torch)(OrderedDict((kind, build_head(config.member(kind))) for kind in MEMBERS))
     if config.kind == "linear":
         layers = [("out", nn.Linear(config.input_dim, config.num_classes))]  # (B, D) -> (B, C)
     else:
@@ -122,6 +134,57 @@ def build_head(config: HeadConfig) -> "torch.nn.Module":
             ("out", nn.Linear(config.hidden, config.num_classes)),  # (B, H) -> (B, C)
         ]
     return nn.Sequential(OrderedDict(layers))
+
+
+def _ensemble_class(torch: Any) -> type:
+    class Ensemble(torch.nn.ModuleDict):
+        """Log of the members' mean probabilities: softmax of it is their average, argmax the ensemble's vote."""
+
+        def forward(self, x):  # (B, D) -> (B, C)
+            logs = torch.stack([torch.log_softmax(member(x), dim=1) for member in self.values()])  # (M, B, C)
+            return torch.logsumexp(logs, dim=0) - math.log(len(self))
+
+    return Ensemble
+
+
+def standardized_head(config: HeadConfig, mean: np.ndarray, std: np.ndarray) -> "torch.nn.Module":
+    """A fresh head behind a fixed ``(x - mean) / std`` (both (D,)): trains as on standardized inputs.
+
+    Built under the same seed it starts from the same weights as :func:`build_head` (the
+    scaling draws no random numbers). :func:`fold_standardization` turns it back into a plain head.
+    """
+    torch = require_torch()
+    mean, std = (np.asarray(v, dtype=np.float32).reshape(-1) for v in (mean, std))
+    if mean.shape != (config.input_dim,) or std.shape != (config.input_dim,) or not np.all(std > 0):
+        raise HeadError(f"standardization needs a mean and a positive std of {config.input_dim} values each, "
+                        f"got shapes {mean.shape} and {std.shape}")
+
+    class Standardize(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("mean", torch.from_numpy(mean.copy()))
+            self.register_buffer("std", torch.from_numpy(std.copy()))
+
+        def forward(self, x):  # (B, D) -> (B, D)
+            return (x - self.mean) / self.std
+
+    return torch.nn.Sequential(OrderedDict([("standardize", Standardize()), ("head", build_head(config))]))
+
+
+def fold_standardization(module: "torch.nn.Module") -> "torch.nn.Module":
+    """The plain head of a :func:`standardized_head`, its first layer rewritten to read raw inputs.
+
+    W (x - m) / s + b == (W / s) x + (b - (W / s) m): the same logits up to float32 rounding, so the
+    saved head needs no extra tensor, every ew that reads heads runs it, and NumPy needs nothing new.
+    """
+    torch = require_torch()
+    head, scale = module.head, module.standardize
+    first = head.hidden if hasattr(head, "hidden") else head.out
+    with torch.no_grad():
+        weight = first.weight.double() / scale.std.double()  # (H, D) / (D,)
+        first.bias.copy_(first.bias.double() - weight @ scale.mean.double())
+        first.weight.copy_(weight)
+    return head
 
 
 def _check_weights(weights: dict[str, np.ndarray], config: HeadConfig, where: str) -> None:
@@ -336,15 +399,15 @@ class LoadedHead:
                 f"this head takes embeddings of shape (N, {self.config.input_dim}), got {x.shape}; "
                 "was it trained on another model's embeddings?"
             )
-        w = self.weights
-        if self.config.kind == "mlp":
-            h = x @ w["hidden.weight"].T + w["hidden.bias"]  # (N, H)
-            if self.config.activation == "gelu":
-                h = 0.5 * h * (1.0 + np.tanh(np.float32(np.sqrt(2.0 / np.pi)) * (h + np.float32(0.044715) * h**3)))
-            else:
-                h = np.maximum(h, np.float32(0.0))
-            x = h
-        return x @ w["out.weight"].T + w["out.bias"]  # (N, C)
+        if self.config.kind == "ensemble":
+            logs = []
+            for kind in MEMBERS:
+                z = _forward(self.config.member(kind), self.weights, x, prefix=f"{kind}.")
+                z = z - z.max(axis=1, keepdims=True)
+                logs.append(z - np.log(np.exp(z).sum(axis=1, keepdims=True)))  # log-softmax (N, C)
+            top = np.maximum(logs[0], logs[1])
+            return (top + np.log(np.exp(logs[0] - top) + np.exp(logs[1] - top)) - np.float32(math.log(2))).astype(np.float32)
+        return _forward(self.config, self.weights, x)
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         """(N, D) embeddings -> (N, C) float32 softmax probabilities."""
@@ -357,6 +420,19 @@ class LoadedHead:
     def predict(self, x: np.ndarray) -> np.ndarray:
         """(N, D) embeddings -> (N,) int64 class indices."""
         return self.logits(x).argmax(axis=1).astype(np.int64)
+
+
+def _forward(config: HeadConfig, weights: dict[str, np.ndarray], x: np.ndarray, *, prefix: str = "") -> np.ndarray:
+    """(N, D) -> (N, C) logits of a plain mlp or linear head (``prefix``: an ensemble member's tensors)."""
+    w = {name[len(prefix):]: array for name, array in weights.items() if name.startswith(prefix)}
+    if config.kind == "mlp":
+        h = x @ w["hidden.weight"].T + w["hidden.bias"]  # (N, H)
+        if config.activation == "gelu":
+            h = 0.5 * h * (1.0 + np.tanh(np.float32(np.sqrt(2.0 / np.pi)) * (h + np.float32(0.044715) * h**3)))
+        else:
+            h = np.maximum(h, np.float32(0.0))
+        x = h
+    return x @ w["out.weight"].T + w["out.bias"]  # (N, C)
 
 
 def load_head(directory: Path) -> LoadedHead:

@@ -18,25 +18,27 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from pipelines.heads import HeadConfig, build_head, require_torch
+from pipelines.heads import MEMBERS, HeadConfig, build_head, fold_standardization, require_torch, standardized_head
 from pipelines.errors import HeadError
 
 if TYPE_CHECKING:
     import torch
 
 T = TypeVar("T")
+SELECTIONS = ("loss", "macro_f1")
+CLASS_WEIGHTS = ("balanced", "none")
 # (x: (B, D) float32, y: (B,) int64 class index), or (inputs: a tuple of arrays passed to the module in order, y)
 Batches = Iterable[tuple["np.ndarray | tuple[np.ndarray, ...]", np.ndarray]]
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    kind: str = "mlp"  # "mlp" or "linear", see HeadConfig
+    kind: str = "mlp"  # "mlp", "linear" or "ensemble" (train_head only), see HeadConfig
     hidden: int = 64  # mlp width
     dropout: float = 0.1  # mlp only
     activation: str = "gelu"  # mlp only: "gelu" (tanh approximation) or "relu"
@@ -45,7 +47,19 @@ class TrainConfig:
     lr: float = 1e-3  # peak learning rate, decayed linearly to 0 over epochs * steps_per_epoch
     weight_decay: float = 1e-5  # Adam's L2 penalty, on every trained tensor
     seed: int = 0  # weight init and dropout; the data side seeds its own shuffling
-    patience: int = 3  # stop after this many epochs without a lower validation loss; 0 never stops early
+    patience: int = 3  # stop after this many epochs without a better validation score; 0 never stops early
+    # Which epoch to keep: "loss" (lowest validation loss) or "macro_f1" (highest validation macro-F1,
+    # ties to the lower loss); patience counts epochs without a better one.
+    select: str = "loss"
+    # train_head only, from the InputMoments of the training split it is given:
+    class_weight: str = "none"  # "balanced": the loss weighs class c by n / (C * n_c), as scikit-learn's
+    standardize: bool = False  # inputs scaled by the split's mean and std; folded into the first layer when done
+
+    def __post_init__(self) -> None:
+        if self.select not in SELECTIONS:
+            raise HeadError(f"unknown selection {self.select!r}: choose one of {', '.join(SELECTIONS)}")
+        if self.class_weight not in CLASS_WEIGHTS:
+            raise HeadError(f"unknown class weight {self.class_weight!r}: choose one of {', '.join(CLASS_WEIGHTS)}")
 
 
 @dataclass(frozen=True)
@@ -55,6 +69,7 @@ class EpochStats:
     val_loss: float  # mean over the validation rows, in eval mode
     val_accuracy: float
     seconds: float  # training plus validation
+    val_macro_f1: float = float("nan")  # over the classes present in the validation split or its predictions
 
 
 @dataclass(frozen=True)
@@ -64,6 +79,9 @@ class TrainResult:
     history: tuple[EpochStats, ...]
     best_epoch: int  # 1-based; the epoch whose weights `module` holds
     seconds: float
+    # kind "ensemble": per member, its best epoch, epochs run and history (history/best_epoch above: the mlp's),
+    # and under "ensemble" the averaged head's validation loss, accuracy and macro-F1
+    members: dict = field(default_factory=dict)
 
 
 _DONE = object()
@@ -154,23 +172,29 @@ def _class_weight_tensor(torch: Any, class_weights: np.ndarray | None, num_class
 
 
 def _evaluate(
-    torch: Any, module: "torch.nn.Module", batches: Batches, weight: "torch.Tensor | None"
-) -> tuple[float, float]:
-    """(mean loss, accuracy) over the validation batches; the loss uses the training class weights."""
+    torch: Any, module: "torch.nn.Module", batches: Batches, weight: "torch.Tensor | None", num_classes: int
+) -> tuple[float, float, float]:
+    """(mean loss, accuracy, macro-F1) over the validation batches; the loss uses the training class weights."""
+    from pipelines.metrics import classification_metrics
+
     functional = torch.nn.functional
     module.eval()
-    loss_sum, weight_sum, correct, rows = 0.0, 0.0, 0, 0
+    loss_sum, weight_sum = 0.0, 0.0
+    true_parts: list[np.ndarray] = []
+    pred_parts: list[np.ndarray] = []
     with torch.inference_mode():
         for x_np, y_np in prefetch(batches):
             x, y = _as_tensors(torch, x_np, y_np)
             logits = module(*x)  # (B, C)
             loss_sum += functional.cross_entropy(logits, y, weight=weight, reduction="sum").item()
             weight_sum += float(weight[y].sum()) if weight is not None else len(y)
-            correct += int((logits.argmax(dim=1) == y).sum())
-            rows += len(y)
-    if rows == 0:
+            true_parts.append(y.numpy())
+            pred_parts.append(logits.argmax(dim=1).numpy())
+    if not true_parts:
         raise HeadError("validation split is empty: no rows to measure the head on; check the label and split")
-    return loss_sum / max(weight_sum, 1e-12), correct / rows
+    metrics = classification_metrics(np.concatenate(true_parts), np.concatenate(pred_parts),
+                                     classes=[str(c) for c in range(num_classes)])
+    return loss_sum / max(weight_sum, 1e-12), metrics.accuracy, metrics.macro_f1
 
 
 def _adam(torch: Any, module: "torch.nn.Module", config: TrainConfig, param_groups: list | None = None) -> "torch.optim.Optimizer":
@@ -183,6 +207,41 @@ def _adam(torch: Any, module: "torch.nn.Module", config: TrainConfig, param_grou
         return torch.optim.Adam(params, **options)
 
 
+@dataclass(frozen=True, eq=False)
+class InputMoments:
+    """One pass over the training split: what standardization and class weighting need."""
+
+    mean: np.ndarray  # (D,) float64
+    std: np.ndarray  # (D,) float64, floored so a constant dimension scales by 1, not by infinity
+    class_counts: np.ndarray  # (C,) int64 training rows per class
+
+    def balanced_weights(self) -> np.ndarray:
+        """(C,) float32 n / (k * n_c) over the k classes present, 0 for absent ones (scikit-learn's "balanced"):
+        every present class weighs as much in the loss as the others, whatever its size."""
+        counts = self.class_counts.astype(np.float64)
+        present = counts > 0
+        weights = np.zeros_like(counts)
+        weights[present] = counts.sum() / (present.sum() * counts[present])
+        return weights.astype(np.float32)
+
+
+def input_moments(batches: Batches, *, num_classes: int) -> InputMoments:
+    """Mean and std per dimension (float64 sums, streamed) and rows per class of ``batches``."""
+    rows, total, squares = 0, None, None
+    counts = np.zeros(num_classes, dtype=np.int64)
+    for x, y in batches:
+        x = np.asarray(x, dtype=np.float64)  # (B, D)
+        total = x.sum(axis=0) if total is None else total + x.sum(axis=0)
+        squares = (x * x).sum(axis=0) if squares is None else squares + (x * x).sum(axis=0)
+        counts += np.bincount(np.asarray(y, dtype=np.int64), minlength=num_classes)[:num_classes]
+        rows += len(x)
+    if rows == 0:
+        raise HeadError("training split is empty: no rows to measure; check the label and split")
+    mean = total / rows
+    std = np.sqrt(np.maximum(squares / rows - mean * mean, 0.0))
+    return InputMoments(mean=mean, std=np.where(std > 1e-6, std, 1.0), class_counts=counts)
+
+
 def train_head(
     *,
     train_batches: Callable[[int], Batches],
@@ -192,11 +251,16 @@ def train_head(
     num_classes: int,
     config: TrainConfig,
     class_weights: np.ndarray | None = None,
+    moments: InputMoments | None = None,
 ) -> TrainResult:
     """Fit a head with Adam (AMSGrad) under a linear learning-rate decay; keep the best epoch.
 
     ``train_batches(epoch)`` is called with epoch = 1, 2, ... and should shuffle per epoch.
     ``steps_per_epoch`` sizes the schedule; if an epoch yields more batches the rate stays at 0.
+    ``config.standardize`` and ``config.class_weight="balanced"`` need the training split's
+    ``moments`` (:func:`input_moments`); explicit ``class_weights`` take precedence. A standardized
+    head trains on scaled inputs and is returned with the scaling folded into its first layer,
+    so it is a plain head of ``config`` that reads raw vectors (and NumPy needs nothing new).
     Same seed and same batches give bit-identical weights. torch's global RNG is left as it was.
     """
     head_config = HeadConfig(
@@ -207,11 +271,37 @@ def train_head(
         dropout=config.dropout,
         activation=config.activation,
     )
+    if moments is None and (config.standardize or config.class_weight == "balanced"):
+        raise HeadError("standardize and class_weight='balanced' need the training split's moments (input_moments)")
+    if class_weights is None and config.class_weight == "balanced":
+        class_weights = moments.balanced_weights()
+    if config.kind == "ensemble":  # each member trains as it would alone; their probabilities are averaged
+        members = {kind: train_head(train_batches=train_batches, val_batches=val_batches, steps_per_epoch=steps_per_epoch,
+                                    input_dim=input_dim, num_classes=num_classes, config=replace(config, kind=kind),
+                                    class_weights=class_weights, moments=moments) for kind in MEMBERS}
+        with require_torch().random.fork_rng(devices=[]):  # the random init is overwritten at once
+            module = build_head(head_config)
+        for kind, member in members.items():
+            module[kind].load_state_dict(member.module.state_dict())
+        torch = require_torch()
+        weight = _class_weight_tensor(torch, class_weights, num_classes)
+        val_loss, val_accuracy, val_macro_f1 = _evaluate(torch, module, val_batches(), weight, num_classes)
+        first = members[MEMBERS[0]]
+        return TrainResult(module=module.eval(), config=head_config, history=first.history, best_epoch=first.best_epoch,
+                           seconds=sum(member.seconds for member in members.values()),
+                           members={kind: {"best_epoch": m.best_epoch, "epochs": len(m.history),
+                                           "history": [asdict(epoch) for epoch in m.history]}
+                                    for kind, m in members.items()}
+                           | {"ensemble": {"val_loss": val_loss, "val_accuracy": val_accuracy,
+                                           "val_macro_f1": val_macro_f1}})
+    build = (lambda: standardized_head(head_config, moments.mean, moments.std)) if config.standardize else \
+        (lambda: build_head(head_config))
     result = train_module(
-        lambda: build_head(head_config), train_batches=train_batches, val_batches=val_batches,
+        build, train_batches=train_batches, val_batches=val_batches,
         steps_per_epoch=steps_per_epoch, num_classes=num_classes, config=config, class_weights=class_weights,
     )
-    return replace(result, config=head_config)
+    module = fold_standardization(result.module) if config.standardize else result.module
+    return replace(result, module=module, config=head_config)
 
 
 def train_module(
@@ -241,7 +331,7 @@ def train_module(
     total_steps = config.epochs * steps_per_epoch
     started = time.perf_counter()
     history: list[EpochStats] = []
-    best_loss, best_epoch, best_state = math.inf, 0, None
+    best_score, best_epoch, best_state = None, 0, None
 
     with torch.random.fork_rng(devices=[]):  # seed locally: the caller's RNG state is untouched
         torch.manual_seed(config.seed)
@@ -253,13 +343,14 @@ def train_module(
         for epoch in range(1, config.epochs + 1):
             epoch_started = time.perf_counter()
             train_loss = _train_epoch(torch, module, train_batches(epoch), optimizer, schedule, weight, epoch)
-            val_loss, val_accuracy = _evaluate(torch, module, val_batches(), weight)
+            val_loss, val_accuracy, val_macro_f1 = _evaluate(torch, module, val_batches(), weight, num_classes)
             if not math.isfinite(val_loss):
                 raise HeadError(f"training diverged at epoch {epoch} (validation loss {val_loss}); lower the learning rate")
-            history.append(EpochStats(epoch=epoch, train_loss=train_loss, val_loss=val_loss,
-                                      val_accuracy=val_accuracy, seconds=time.perf_counter() - epoch_started))
-            if val_loss < best_loss:
-                best_loss, best_epoch = val_loss, epoch
+            history.append(EpochStats(epoch=epoch, train_loss=train_loss, val_loss=val_loss, val_accuracy=val_accuracy,
+                                      seconds=time.perf_counter() - epoch_started, val_macro_f1=val_macro_f1))
+            score = (-val_loss,) if config.select == "loss" else (val_macro_f1, -val_loss)
+            if best_score is None or score > best_score:
+                best_score, best_epoch = score, epoch
                 best_state = {name: tensor.detach().clone() for name, tensor in _trained_state(module).items()}
             elif config.patience > 0 and epoch - best_epoch >= config.patience:
                 break

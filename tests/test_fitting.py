@@ -19,7 +19,10 @@ def test_fit_head_stores_a_self_describing_head(fitted):
     assert card.classes == row.classes and len(card.classes) == 4
     assert card.split["train"] == 80 and card.split["seed"] == 0
     assert card.trained_on_version == row.trained_on_version
-    assert card.hyperparameters["lr"] == 1e-3 and card.hyperparameters["kind"] == "mlp"
+    assert card.hyperparameters["lr"] == 1e-3 and card.hyperparameters["kind"] == "ensemble" == card.config.kind
+    assert card.hyperparameters["standardize"] and card.hyperparameters["select"] == "macro_f1"
+    assert card.hyperparameters["class_weight"] == "none" and card.hyperparameters["patience"] == 6
+    assert set(card.hyperparameters["members"]) == {"mlp", "linear", "ensemble"}
     assert set(card.metrics) >= {"accuracy", "macro_f1", "per_class", "confusion"}
     assert row.card_dict() == card.to_dict()  # the catalog row carries the card as stored
     assert (fitted.root / row.artifact / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -102,3 +105,34 @@ def test_ctrl_c_stops_training_stores_nothing_and_exits_130(warehouse_copy):
     assert err.count("\n") == 1 and err.startswith("Interrupted"), err
     assert [row.head for row in list_heads(warehouse_copy)] == []
     assert not list(warehouse_copy.heads_dir().glob("interrupted*")) if warehouse_copy.heads_dir().exists() else True
+
+
+def test_layer_auto_trains_every_stored_layer_and_keeps_the_best_on_validation(warehouse_copy):
+    from pipelines.layer_choice import stored_layers
+
+    layers = stored_layers(warehouse_copy, model=warehouse_copy.models()[0].model, pooling="mean")
+    assert layers == [0, 1, 2]
+    result = fit_head(warehouse_copy, label="section", layer="auto", name="auto", epochs=2)
+    scores = result.layer_scores
+    assert sorted(scores) == layers
+    key = lambda layer: (scores[layer]["val_accuracy"] + scores[layer]["val_macro_f1"], layer)
+    assert result.layer == max(layers, key=key)
+    card = load_head(result.path).card
+    assert card.layer == result.layer and card.hyperparameters["layer"] == "auto"
+    assert card.hyperparameters["layer_scores"] == {str(layer): score for layer, score in scores.items()}
+    fixed = fit_head(warehouse_copy, label="section", layer=result.layer, name="fixed", epochs=2)
+    assert (fixed.accuracy, fixed.macro_f1) == (result.accuracy, result.macro_f1)  # the kept head, not a retrained one
+
+
+def test_layer_auto_is_printed_per_layer(warehouse_copy):
+    from click.testing import CliRunner
+    from pipelines.cli import cli
+
+    done = CliRunner().invoke(cli, ["-w", str(warehouse_copy.root), "fit-head", "--label", "section", "--layer", "auto",
+                                    "--epochs", "1", "--name", "auto-cli"])
+    assert done.exit_code == 0, done.output
+    lines = [line for line in done.output.splitlines() if line.startswith("--layer auto:")]
+    assert len(lines) == 3 and sum(line.endswith("<- chosen") for line in lines) == 1
+    assert lines[0].startswith("--layer auto: layer 0: validation accuracy ")
+    bad = CliRunner().invoke(cli, ["-w", str(warehouse_copy.root), "fit-head", "--label", "section", "--layer", "best"])
+    assert bad.exit_code == 2 and "'best' is not a layer number or 'auto'" in bad.output

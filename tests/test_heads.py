@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.heads import HeadCard, HeadConfig, build_head, load_head, save_head
+from pipelines.heads import HeadCard, HeadConfig, build_head, fold_standardization, load_head, save_head, standardized_head
 from pipelines.errors import HeadError, MissingDependencyError
 
 CLASSES = ["intro", "methods", "results"]
@@ -180,3 +180,65 @@ def test_nan_weights_are_refused(tmp_path):
     edit_card(directory, lambda card: card.pop("weights_sha256"), old_format=True)
     with pytest.raises(HeadError, match="out.bias holds NaN or infinite values"):
         load_head(directory)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "linear"])
+def test_standardization_is_folded_into_the_saved_weights(tmp_path, kind):
+    # Vectors far from 0 and of uneven scale, as intermediate layers give.
+    rng = np.random.default_rng(3)
+    mean, std = rng.normal(scale=5, size=16), rng.uniform(0.05, 20, size=16)
+    x = (mean + std * rng.normal(size=(40, 16))).astype(np.float32)
+    config = HeadConfig(kind=kind, input_dim=16, num_classes=3, hidden=8)
+    torch.manual_seed(0)
+    module = standardized_head(config, mean, std).eval()
+    with torch.no_grad():
+        expected = module(torch.from_numpy(x)).numpy()  # (x - mean) / std, then the head
+        plain = fold_standardization(module)
+    assert set(plain.state_dict()) == set(config.weight_shapes())  # nothing new to store or check
+    save_head(tmp_path / "scaled", plain, head_card(config))
+    head = load_head(tmp_path / "scaled")
+    np.testing.assert_allclose(head.logits(x), expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(head.predict(x), expected.argmax(1))
+
+
+def test_standardized_head_starts_from_build_heads_weights():
+    config = HeadConfig(kind="mlp", input_dim=16, num_classes=3, hidden=8)
+    torch.manual_seed(0)
+    plain = build_head(config)
+    torch.manual_seed(0)
+    scaled = standardized_head(config, np.zeros(16), np.ones(16))
+    assert all(torch.equal(plain.state_dict()[name], tensor) for name, tensor in scaled.head.state_dict().items())
+    with pytest.raises(HeadError, match="positive std of 16 values"):
+        standardized_head(config, np.zeros(16), np.zeros(16))
+
+
+@pytest.mark.parametrize("old_format", [True, False])
+def test_heads_written_before_standardization_still_load_and_predict(tmp_path, old_format):
+    directory, module, _ = saved_head(tmp_path)
+
+    def as_before(card):  # what fit-head wrote before: no select/standardize/class_weight, no val_macro_f1
+        card["hyperparameters"] = {"kind": "mlp", "hidden": 8, "lr": 0.001, "patience": 3, "seed": 0}
+        card["history"] = [{"epoch": 1, "train_loss": 1.0, "val_loss": 1.1, "val_accuracy": 0.5, "seconds": 0.1}]
+    edit_card(directory, as_before, old_format=old_format)
+    x = np.random.default_rng(1).normal(size=(20, 16)).astype(np.float32)
+    head = load_head(directory)
+    assert head.card.format == (1 if old_format else 2)
+    with torch.no_grad():
+        np.testing.assert_array_equal(head.predict(x), module(torch.from_numpy(x)).argmax(1).numpy())
+
+
+def test_ensemble_head_averages_its_members_probabilities_in_torch_and_numpy(tmp_path):
+    config = HeadConfig(kind="ensemble", input_dim=16, num_classes=3, hidden=8)
+    torch.manual_seed(0)
+    module = build_head(config).eval()
+    assert set(module.state_dict()) == set(config.weight_shapes())
+    assert config.parameters == HeadConfig("mlp", 16, 3, hidden=8).parameters + HeadConfig("linear", 16, 3).parameters
+    save_head(tmp_path / "both", module, head_card(config))
+    head = load_head(tmp_path / "both")
+    x = np.random.default_rng(1).normal(size=(50, 16)).astype(np.float32) * 3
+    with torch.no_grad():
+        members = [torch.softmax(module[kind](torch.from_numpy(x)), dim=1).numpy() for kind in ("mlp", "linear")]
+        expected = torch.softmax(module(torch.from_numpy(x)), dim=1).numpy()
+    np.testing.assert_allclose(expected, (members[0] + members[1]) / 2, atol=1e-6)
+    np.testing.assert_allclose(head.predict_proba(x), expected, atol=1e-5)
+    np.testing.assert_array_equal(head.predict(x), expected.argmax(1))
