@@ -26,7 +26,7 @@ from warehouse.store import now_utc
 from .embedding import ensure_vectors
 from .errors import HeadError, MissingDependencyError
 from .head_catalog import check_head_name, check_name_free, default_head_name, store_head
-from .heads import HeadCard
+from .head_card import HeadCard
 from .registry import find_model
 from .tuning import StatesPlan, Trained, train_on_states
 

@@ -24,7 +24,8 @@ from warehouse.tables import HEADS
 
 from .errors import HeadError
 from .artifacts import TORCH_DIR
-from .heads import HeadCard, LoadedHead, load_head
+from .head_card import HeadCard
+from .heads import LoadedHead, load_head
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")

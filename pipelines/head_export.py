@@ -28,7 +28,7 @@ from pipelines.errors import ExportError, HeadError
 from warehouse.errors import EwError
 from warehouse.output import new_file_permissions
 from pipelines.tracing import OPSET, SAMPLE_TEXTS
-from pipelines.heads import read_head_files
+from pipelines.head_card import read_head_files
 from pipelines.recycling import torch_module, from_text
 from pipelines.top import build_lower
 

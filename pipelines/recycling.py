@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipelines.errors import HeadError
-from pipelines.heads import HeadCard, HeadConfig, read_head_files, require_torch, write_head_files
+from pipelines.head_card import HeadCard, HeadConfig, read_head_files, write_head_files
+from pipelines.heads import require_torch
 from pipelines.top import (
     WEIGHTS_FILE, TopConfig, base_config, build_top, trainable_parameters, trained_tensors,
 )

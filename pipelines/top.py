@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipelines.errors import HeadError
-from pipelines.heads import HeadConfig, build_head, require_torch
+from pipelines.head_card import HeadConfig
+from pipelines.heads import build_head, require_torch
 
 if TYPE_CHECKING:
     import torch

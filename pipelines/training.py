@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from pipelines.heads import MEMBERS, HeadConfig, build_head, fold_standardization, require_torch, standardized_head
+from pipelines.head_card import MEMBERS, HeadConfig
+from pipelines.heads import build_head, fold_standardization, require_torch, standardized_head
 from pipelines.errors import HeadError
 
 if TYPE_CHECKING:

@@ -31,7 +31,7 @@ from warehouse.tables import TOKEN_STATES
 
 from .artifacts import TORCH_DIR
 from .embedding import ensure_states
-from .heads import HeadCard
+from .head_card import HeadCard
 from .metrics import Metrics
 from .training import TrainConfig
 
