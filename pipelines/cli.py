@@ -8,6 +8,7 @@ import traceback
 from pathlib import Path
 
 import click
+import pyarrow as pa
 
 from warehouse import EwError, Warehouse
 from warehouse.formats import FORMATS, format_for, write_result, written_in_place
@@ -355,6 +356,116 @@ def predict(ctx: click.Context, head: str, corpus_file: Path | None, as_json: bo
     )
     if result.rejected:
         click.echo(f"skipped {result.rejected:,} bad lines of {corpus_file}, written to {result.rejects_file}")
+
+
+@cli.command()
+@click.argument("text")
+@click.option("--model", "-m", help="Registered model key, unique key prefix or alias (default: the only model stored).")
+@click.option("--layer", type=click.IntRange(min=0), help="Layer whose vectors to compare (default: the last).")
+@click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="How many documents to show.")
+@click.option("--corpus", help="Only documents of this corpus.")
+@click.option("--where", help="Only documents matching this SQL condition on documents, e.g. \"section = 'python'\".")
+@click.option("--version", "version", type=click.IntRange(min=0), help="Search this warehouse version.")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: all usable cores).")
+@click.pass_context
+def search(ctx: click.Context, text: str, fmt: str, as_json: bool, **options) -> None:
+    """Find the stored documents nearest TEXT by cosine similarity (TEXT is embedded with the same model).
+
+    Example: ew search "python bindings for a C library" -k 5 --where "section = 'python'"
+    """
+    from .search import search as run_search
+
+    found = run_search(_warehouse(ctx), text, **options)
+    rows = [{"rank": r.rank, "score": round(r.score, 4), "corpus": r.corpus, "id": r.id, "text": r.text,
+             **({} if fmt == "table" and not as_json else {"doc_hash": r.doc_hash})} for r in found.rows]
+    schema = pa.schema([("rank", pa.int64()), ("score", pa.float64()), ("corpus", pa.string()), ("id", pa.string()),
+                        ("text", pa.string())] + ([] if fmt == "table" and not as_json else [("doc_hash", pa.string())]))
+    write_result(pa.Table.from_pylist(rows, schema=schema).to_reader(), fmt="json" if as_json else fmt, output=None,
+                 stdout=sys.stdout)
+
+
+@cli.command()
+@click.option("--version", "version", type=click.IntRange(min=0), help="Describe this warehouse version.")
+@click.option("--json", "as_json", is_flag=True, help="Print it as one JSON object.")
+@click.pass_context
+def info(ctx: click.Context, version: int | None, as_json: bool) -> None:
+    """What the warehouse holds: documents per corpus, vectors and token states per model/layer,
+    files and bytes per table, and its versions.
+
+    Example: ew info
+    """
+    from warehouse.summary import summarize
+
+    summary = summarize(_warehouse(ctx), version=version)
+    if as_json:
+        click.echo(json.dumps(summary.to_dict()))
+        return
+    for line in summary_lines(summary):
+        click.echo(line)
+
+
+def summary_lines(summary) -> list[str]:
+    """`ew info`'s text: one block per kind of thing, numbers aligned."""
+    when = "never" if summary.committed_at is None else f"{summary.committed_at:%Y-%m-%d %H:%M:%S} UTC"
+    lines = [f"warehouse {summary.root}: version {summary.version} of {summary.latest_version} "
+             f"({summary.versions:,} versions), committed {when}; {_size(summary.bytes)} in all"]
+    lines.append(f"{'corpus':<24} {'documents':>10} {'texts':>10}  labelled fields")
+    for c in summary.corpora:
+        fields = ", ".join(f"{name} {n:,}" for name, n in c.labelled.items()) or "-"
+        lines.append(f"{c.corpus:<24} {c.documents:>10,} {c.texts:>10,}  {fields}")
+    lines.append(f"{'model':<32} {'layer':>5} {'pooling':<7} {'vectors':>10} {'on disk':>10}")
+    for v in summary.vectors:
+        lines.append(f"{v.model:<32} {v.layer:>5} {v.pooling:<7} {v.vectors:>10,} {_size(v.bytes):>10}")
+    if summary.token_states:
+        lines.append(f"{'token states of model':<32} {'layer':>5} {'prec.':<7} {'documents':>10} {'on disk':>10}")
+        for s in summary.token_states:
+            lines.append(f"{s.model:<32} {s.layer:>5} {s.precision:<7} {s.documents:>10,} {_size(s.bytes):>10}")
+    lines.append(f"{'table':<14} {'delta version':>13} {'files':>7} {'on disk':>10}")
+    for name, t in summary.tables.items():
+        lines.append(f"{name:<14} {t.delta_version if t.delta_version >= 0 else '-':>13} {t.files:>7,} {_size(t.bytes):>10}")
+    return lines
+
+
+def _size(count: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if count < 1000 or unit == "GB":
+            return f"{count:,.0f} {unit}" if unit == "B" else f"{count:,.1f} {unit}"
+        count /= 1000
+    return ""
+
+
+@cli.command("export")
+@click.option("--label", required=True, help="Field of documents to export as the label (e.g. section).")
+@click.option("--model", "-m", help="Registered model key, unique key prefix or alias (default: the only model stored).")
+@click.option("--layer", type=click.IntRange(min=0), help="Layer whose vectors to export (default: the last).")
+@click.option("--split", type=click.Choice(["train", "val", "test", "all"]), default="all", show_default=True)
+@click.option("--split-sizes", default="80,10,10", show_default=True, help="train,val,test percentages (fit-head's --split).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the split, as in fit-head.")
+@click.option("--corpus", help="Only documents of this corpus.")
+@click.option("--where", help="Only documents matching this SQL condition on documents.")
+@click.option("--version", "version", type=click.IntRange(min=0), help="Export this warehouse version.")
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The .parquet file to write.")
+@click.pass_context
+def export(ctx: click.Context, model: str | None, split_sizes: str, seed: int, output: Path, **options) -> None:
+    """Write a training set: doc_hash, the label, the split (fit-head's rule) and the vector as
+    FixedSizeList<float32>[dim], streamed to one Parquet file.
+
+    Example: ew export --label section --split train --output train.parquet
+    """
+    from warehouse.splits import SplitSpec
+    from warehouse.training_set import write_training_set
+
+    from .registry import find_model
+
+    warehouse = _warehouse(ctx)
+    key = find_model(warehouse, model).model
+    reader = warehouse.training_set(model=key, spec=SplitSpec.parse(split_sizes, seed=seed), **options)
+    rows = write_training_set(reader, output)
+    version = reader.schema.metadata[b"ew.warehouse_version"].decode()
+    click.echo(f"wrote {rows:,} rows ({reader.schema.field('embedding').type}) to {output} (warehouse version {version})",
+               err=True)
 
 
 @cli.command()
