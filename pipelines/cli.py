@@ -8,7 +8,7 @@ import traceback
 from pathlib import Path
 
 import click
-import pyarrow as pa
+import pyarrow.compute as pc
 
 from warehouse import EwError, Warehouse
 from warehouse.formats import FORMATS, format_for, write_result, written_in_place
@@ -378,12 +378,11 @@ def search(ctx: click.Context, text: str, fmt: str, as_json: bool, **options) ->
     from .search import search as run_search
 
     found = run_search(_warehouse(ctx), text, **options)
-    rows = [{"rank": r.rank, "score": round(r.score, 4), "corpus": r.corpus, "id": r.id, "text": r.text,
-             **({} if fmt == "table" and not as_json else {"doc_hash": r.doc_hash})} for r in found.rows]
-    schema = pa.schema([("rank", pa.int64()), ("score", pa.float64()), ("corpus", pa.string()), ("id", pa.string()),
-                        ("text", pa.string())] + ([] if fmt == "table" and not as_json else [("doc_hash", pa.string())]))
-    write_result(pa.Table.from_pylist(rows, schema=schema).to_reader(), fmt="json" if as_json else fmt, output=None,
-                 stdout=sys.stdout)
+    fmt = "json" if as_json else fmt
+    table = found.table()
+    if fmt == "table":  # for reading: 4 decimals, no hash
+        table = table.drop_columns(["doc_hash"]).set_column(1, "score", pc.round(table.column("score"), 4))
+    write_result(table.to_reader(), fmt=fmt, output=None, stdout=sys.stdout)
 
 
 @cli.command()

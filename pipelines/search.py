@@ -45,6 +45,7 @@ def search(
     """
     if not text.strip():
         raise EwError("the search text is empty; pass the text to look for, e.g. ew search \"python web framework\"")
+    warehouse.snapshot(version)  # an unknown version fails before the model loads
     row = find_model(warehouse, model)
     layer = resolve_layer(row, layer)
     encoder = Encoder.load(open_model(warehouse, row.model).artifact, threads=threads)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import duckdb
 import numpy as np
+import pyarrow as pa
 
 from .errors import EwError, QueryError
 from .query import connect, sql_error_message
@@ -25,6 +26,12 @@ from .tables import DOCUMENTS
 
 if TYPE_CHECKING:
     from .store import Warehouse
+
+
+NEIGHBOURS_SCHEMA = pa.schema([
+    ("rank", pa.int64()), ("score", pa.float64()), ("corpus", pa.string()), ("id", pa.string()), ("text", pa.string()),
+    ("doc_hash", pa.string()),
+])
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,10 @@ class Neighbours:
 
     def to_dicts(self) -> list[dict]:
         return [asdict(row) for row in self.rows]
+
+    def table(self) -> pa.Table:
+        """The rows as a table: rank, score, corpus, id, text, doc_hash."""
+        return pa.Table.from_pylist(self.to_dicts(), schema=NEIGHBOURS_SCHEMA)
 
 
 def nearest(
