@@ -68,3 +68,15 @@ def test_cli_unknown_version(ingested):
     result = run("info", "--version", 99, warehouse=ingested)
     assert result.exit_code == 1
     assert result.output.startswith("Error: ") and result.output.count("\n") == 1
+
+
+def test_an_empty_warehouse(tmp_path):
+    from warehouse import Warehouse
+
+    wh = Warehouse.open(tmp_path / "wh", create=True)
+    info = summarize(wh)
+    assert (info.version, info.latest_version, info.versions, info.committed_at) == (-1, -1, 0, None)
+    assert info.corpora == () and info.vectors == () and info.bytes == 0
+    result = run("info", warehouse=wh)
+    assert result.exit_code == 0
+    assert result.output.splitlines()[0] == f"warehouse {wh.root}: version -1 of -1 (0 versions), committed never; 0 B in all"

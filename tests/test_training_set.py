@@ -75,3 +75,11 @@ def test_cli_export_errors(ingested, tmp_path, args, error):
 def test_an_unknown_model_key_lists_the_registered_ones(ingested):
     with pytest.raises(EwError, match="model 'nope' is not registered at warehouse version"):
         ingested.training_set(label="section", model="nope")
+
+
+def test_a_key_prefix_selects_the_model_and_a_bad_split_is_refused(ingested):
+    key = ingested.models()[0].model
+    table = ingested.training_set(label="section", model=key[:6], layer=0, split="val").read_all()
+    assert table.schema.metadata[b"ew.model"] == key.encode() and set(table.column("split").to_pylist()) == {"val"}
+    with pytest.raises(EwError, match="--split must be one of train, val, test, all, got 'dev'"):
+        ingested.training_set(label="section", split="dev")
