@@ -401,11 +401,11 @@ def info(ctx: click.Context, version: int | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(summary.to_dict()))
         return
-    for line in summary_lines(summary):
+    for line in _summary_lines(summary):
         click.echo(line)
 
 
-def summary_lines(summary) -> list[str]:
+def _summary_lines(summary) -> list[str]:
     """`ew info`'s text: one block per kind of thing, numbers aligned."""
     when = "never" if summary.committed_at is None else f"{summary.committed_at:%Y-%m-%d %H:%M:%S} UTC"
     lines = [f"warehouse {summary.root}: version {summary.version} of {summary.latest_version} "
