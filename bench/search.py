@@ -12,7 +12,9 @@ fresh process of its own, so its peak RSS is its own:
   per query one matrix-vector product and ``argpartition``: what a user would write.
 
 Both get the same query vectors (stored documents' texts, embedded once by the model), and
-their top-k are compared. Prints and writes bench/results/search.json.
+their top-k are compared. Then the same on a warehouse holding ``--copies`` times the vectors
+(built once beside it): ew's peak RSS should stay flat while NumPy's grows with the data.
+Prints and writes bench/results/search.json.
 """
 from __future__ import annotations
 
@@ -22,12 +24,14 @@ import json
 import os
 import random
 import resource
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from .common import DATA, save
 
@@ -70,6 +74,37 @@ def build(docs: int) -> None:
                     "--layers", "last", "--corpus", CORPUS], check=True)
 
 
+def build_copies(copies: int) -> Path:
+    """A copy of the warehouse holding ``copies`` times its vectors (copy c: doc_hash and corpus
+    prefixed with ``copy<c>``, same text and vector), built once: does ew's memory stay flat?"""
+    import pyarrow.compute as pc
+
+    from warehouse import Warehouse
+    from warehouse.tables import DOCUMENTS, EMBEDDINGS
+
+    target = HERE / f"warehouse-x{copies}"
+    if (target / "ew-warehouse.json").is_file():
+        return target
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(WAREHOUSE, target)
+    wh = Warehouse.open(target)
+    snapshot = wh.snapshot()
+    vectors = wh.dataset(EMBEDDINGS, snapshot).to_table()
+    documents = wh.dataset(DOCUMENTS, snapshot).to_table()
+    with wh.writer() as writer:
+        for copy in range(1, copies):
+            def prefixed(table):
+                index = table.schema.get_field_index("doc_hash")
+                return table.set_column(index, "doc_hash", pc.binary_join_element_wise(f"copy{copy}-", table["doc_hash"], ""))
+            writer.append_embeddings(prefixed(vectors))
+            copied = prefixed(documents)
+            copied = copied.set_column(copied.schema.get_field_index("corpus"), "corpus",
+                                       pa.array([f"copy{copy}"] * copied.num_rows))
+            writer.upsert_documents(copied)
+        writer.commit("bench-copies", {"copies": copies})
+    return target
+
+
 def queries(count: int, seed: int) -> dict:
     """``count`` stored texts, sampled with ``seed``, and their vectors: what both sides search for."""
     from pipelines.encoder import Encoder
@@ -92,7 +127,7 @@ def run_ew(task: dict) -> dict:
     from warehouse import Warehouse
     from warehouse.similarity import nearest
 
-    wh = Warehouse.open(WAREHOUSE)
+    wh = Warehouse.open(task["warehouse"])
     start_rss = peak_rss_mb()
     options = dict(model=task["model"], layer=task["layer"], pooling=task["pooling"], k=task["k"])
     nearest(wh, np.asarray(task["vectors"][0], np.float32), **options)  # warm-up: page cache, DuckDB start
@@ -113,7 +148,7 @@ def run_numpy(task: dict) -> dict:
     from warehouse import Warehouse
     from warehouse.tables import EMBEDDINGS
 
-    wh = Warehouse.open(WAREHOUSE)
+    wh = Warehouse.open(task["warehouse"])
     start_rss = peak_rss_mb()
     started = time.perf_counter()
     dataset = wh.dataset(EMBEDDINGS, wh.snapshot())
@@ -162,6 +197,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=50)
     parser.add_argument("-k", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--copies", type=int, default=4, help="Also measure a warehouse holding this many copies of the vectors.")
     parser.add_argument("--side", choices=["ew", "numpy"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
@@ -173,32 +209,35 @@ def main() -> None:
     print(f"CPU flags: {' '.join(flags) or 'unknown'}")
     build(args.docs)
     task = {**queries(args.queries, args.seed), "k": args.k}
-    ew, numpy = side("ew", task), side("numpy", task)
-    same, gap = agreement(ew, numpy)
     from warehouse import Warehouse
 
-    version = Warehouse.open(WAREHOUSE).snapshot().version
     result = {
-        "config": {"docs": args.docs or "all", "vectors": numpy["vectors"], "model": task["model"], "layer": task["layer"],
-                   "queries": args.queries, "k": args.k, "seed": args.seed, "warehouse_version": version,
-                   "cpu_flags": flags, "load_average_1min": round(os.getloadavg()[0], 2)},
+        "config": {"docs": args.docs or "all", "model": task["model"], "layer": task["layer"], "queries": args.queries,
+                   "k": args.k, "seed": args.seed, "warehouse_version": Warehouse.open(WAREHOUSE).snapshot().version,
+                   "copies": args.copies, "cpu_flags": flags},
         "embed_ms_per_query": round(task["embed_ms_per_query"], 2),
-        "ew_queries_per_s": round(ew["queries_per_s"], 2),
-        "numpy_queries_per_s": round(numpy["queries_per_s"], 2),
-        "numpy_load_seconds": round(numpy["load_seconds"], 3),
-        "ew_peak_rss_mb": round(ew["peak_rss_mb"], 1),
-        "numpy_peak_rss_mb": round(numpy["peak_rss_mb"], 1),
-        "ew_rss_after_imports_mb": round(ew["rss_after_imports_mb"], 1),
-        "numpy_rss_after_imports_mb": round(numpy["rss_after_imports_mb"], 1),
-        "same_top_k_share": same,
-        "max_score_difference": gap,
+        "runs": [],
     }
-    print(f"{numpy['vectors']:,} vectors (model {task['model']}, layer {task['layer']}), {args.queries} queries, k={args.k}")
-    print(f"ew search (DuckDB, streamed): {result['ew_queries_per_s']:.2f} queries/s, peak RSS {result['ew_peak_rss_mb']:.0f} MB")
-    print(f"NumPy brute force (in memory): {result['numpy_queries_per_s']:.2f} queries/s, peak RSS "
-          f"{result['numpy_peak_rss_mb']:.0f} MB, after loading for {result['numpy_load_seconds']:.2f} s")
-    print(f"same top-{args.k}: {same:.0%} of queries; max score difference {gap:.2g}; "
-          f"embedding a query: {result['embed_ms_per_query']:.1f} ms")
+    print(f"{args.queries} queries, k={args.k}, model {task['model']} layer {task['layer']}; "
+          f"embedding a query: {task['embed_ms_per_query']:.1f} ms")
+    for copies, warehouse in [(1, WAREHOUSE)] + ([(args.copies, build_copies(args.copies))] if args.copies > 1 else []):
+        ew, numpy = side("ew", {**task, "warehouse": str(warehouse)}), side("numpy", {**task, "warehouse": str(warehouse)})
+        same, gap = agreement(ew, numpy)
+        run = {
+            "copies": copies, "vectors": numpy["vectors"],
+            "ew_queries_per_s": round(ew["queries_per_s"], 2), "numpy_queries_per_s": round(numpy["queries_per_s"], 2),
+            "numpy_load_seconds": round(numpy["load_seconds"], 3),
+            "ew_peak_rss_mb": round(ew["peak_rss_mb"], 1), "numpy_peak_rss_mb": round(numpy["peak_rss_mb"], 1),
+            "rss_after_imports_mb": round(ew["rss_after_imports_mb"], 1),
+            # With copies, equal vectors tie: the sets may differ at the k-th place, the scores may not.
+            "same_top_k_share": same, "max_score_difference": gap, "load_average_1min": round(os.getloadavg()[0], 2),
+        }
+        result["runs"].append(run)
+        print(f"{run['vectors']:,} vectors: ew search (DuckDB, streamed) {run['ew_queries_per_s']:.2f} queries/s, "
+              f"peak RSS {run['ew_peak_rss_mb']:.0f} MB | NumPy (in memory) {run['numpy_queries_per_s']:.2f} queries/s, "
+              f"peak RSS {run['numpy_peak_rss_mb']:.0f} MB, loaded in {run['numpy_load_seconds']:.2f} s | "
+              f"same top-{args.k} {same:.0%}, max score difference {gap:.2g} (both after imports: "
+              f"{run['rss_after_imports_mb']:.0f} MB)")
     print(f"wrote {save('search', result)}")
 
 

@@ -27,8 +27,9 @@ from .errors import EwError, QueryError
 from .formats import atomic_output
 from .query import connect, sql_error_message
 from .selection import INTERNAL_MEMORY_LIMIT, DocumentFilter, quote
-from .splits import SPLITS, SplitSpec
-from .tables import DOCUMENTS
+from .similarity import VECTORS_SCHEMA
+from .splits import SPLITS, SplitSpec, _vector_batches
+from .tables import DOCUMENTS, EMBEDDINGS
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -87,8 +88,7 @@ def training_set(
         f"WITH labelled AS (SELECT DISTINCT doc_hash, CAST({quote(label)} AS VARCHAR) AS label, "
         f"{spec.sql('doc_hash')} AS split FROM documents WHERE {condition}) "
         f"SELECT l.doc_hash, l.label AS {quote(label)}, l.split, CAST(e.embedding AS FLOAT[{row.dim}]) AS embedding "
-        f"FROM embeddings e JOIN (SELECT * FROM labelled {keep}) l USING (doc_hash) "
-        "WHERE e.model = ? AND e.layer = ? AND e.pooling = ?"
+        f"FROM ew_vectors e JOIN (SELECT * FROM labelled {keep}) l USING (doc_hash)"
     )
     # The file describes itself: what a reader needs to reproduce or compare it.
     schema = training_set_schema(label, row.dim).with_metadata({
@@ -98,8 +98,11 @@ def training_set(
     })
     # The vectors stream through the join on the probe side: only the narrow keys are hashed.
     con = connect(datasets, memory_limit=INTERNAL_MEMORY_LIMIT, settings={"disabled_optimizers": "build_side_probe_side"})
+    # One Parquet row group at a time, as fit-head reads them (a dataset scan reads ahead without bound).
+    vectors = _vector_batches(datasets[EMBEDDINGS], model=row.model, layer=layer, pooling=pooling or row.pooling)
+    con.register("ew_vectors", pa.RecordBatchReader.from_batches(VECTORS_SCHEMA, vectors))
     try:
-        reader = con.sql(sql, params=params + [row.model, layer, pooling or row.pooling]).to_arrow_reader(batch_rows)
+        reader = con.sql(sql, params=params).to_arrow_reader(batch_rows)
     except duckdb.Error as error:
         con.close()
         raise QueryError(f"selecting the training set failed: {sql_error_message(error)}") from None
