@@ -209,6 +209,12 @@ class Warehouse:
         snapshot = self.snapshot(version)
         return run_query(sql, datasets=self.datasets(snapshot), version=snapshot.version, batch_rows=batch_rows, **options)
 
+    def training_set(self, *, label: str, **options) -> pa.RecordBatchReader:
+        """(doc_hash, label, split, embedding) batches of the labelled vectors; see :func:`warehouse.training_set.training_set`."""
+        from .training_set import training_set
+
+        return training_set(self, label=label, **options)
+
     # -- writing -------------------------------------------------------------------
     @contextmanager
     def writer(self, *, wait: float = 0.0) -> Iterator["Writer"]:
