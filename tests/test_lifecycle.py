@@ -180,7 +180,7 @@ KILLED_AFTER = textwrap.dedent(
         return write
 
     deltalake.table.TableOptimizer.compact = dying(deltalake.table.TableOptimizer.compact)
-    warehouse.store.write_deltalake = dying(warehouse.store.write_deltalake)
+    warehouse.writer.write_deltalake = dying(warehouse.writer.write_deltalake)
     warehouse.storage.LocalStorage.delete = dying(warehouse.storage.LocalStorage.delete)
     from pipelines.cli import cli
     cli(sys.argv[2:], prog_name="ew", standalone_mode=False)

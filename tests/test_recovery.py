@@ -27,7 +27,7 @@ CHUNK = 10  # two chunks: 10 + 6 documents
 CRASHING_INGEST = textwrap.dedent(
     """
     import os, sys
-    import warehouse.store as store
+    import warehouse.writer as store
 
     target, when = int(sys.argv[1]), sys.argv[2]
     real, calls = store.write_deltalake, [0]
