@@ -166,7 +166,7 @@ def test_compact_and_vacuum_take_the_write_lock_without_waiting(warehouse_copy):
 KILLED_AFTER = textwrap.dedent(
     """
     import os, sys
-    import deltalake.table, warehouse.store, warehouse.storage
+    import deltalake.table, warehouse.storage, warehouse.writer
 
     target, calls = int(sys.argv[1]), [0]
 
