@@ -40,6 +40,7 @@ bench: $(STAMP) ## Measure ew beside sentence-transformers and scikit-learn (wri
 	$(BIN)/python -m bench.ingest
 	$(BIN)/python -m bench.fit_head
 	$(BIN)/python -m bench.fit_head_scale
+	$(BIN)/python -m bench.recycling
 
 clean: ## Remove the virtual environment, caches and the demo warehouse
 	rm -rf $(VENV) $(DEMO_WAREHOUSE) .pytest_cache build *.egg-info
