@@ -172,6 +172,7 @@ def full_fine_tuning(data: TokenSplits, *, weights_dir: Path, config, head) -> d
     from pipelines.training import predict_batches, train_module
 
     transformers.logging.set_verbosity_error()  # the checkpoint's unused pooler is reported, harmlessly
+    transformers.logging.disable_progress_bar()
 
     class FullModel(torch.nn.Module):
         def __init__(self):
