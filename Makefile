@@ -42,6 +42,7 @@ bench: $(STAMP) ## Measure ew beside sentence-transformers and scikit-learn (wri
 	$(BIN)/python -m bench.fit_head_scale
 	$(BIN)/python -m bench.lifecycle
 	$(BIN)/python -m bench.search
+	$(BIN)/python -m bench.recycling
 
 clean: ## Remove the virtual environment, caches and the demo warehouse
 	rm -rf $(VENV) $(DEMO_WAREHOUSE) .pytest_cache build *.egg-info

@@ -42,10 +42,34 @@ def machine() -> dict:
     }
 
 
+def cpu_flags() -> dict:
+    """The CPU's model and flags (the vector ones apart: they decide torch's and onnxruntime's kernels)."""
+    model, flags = platform.processor() or platform.machine(), []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = value.split()
+                break
+    except OSError:
+        pass
+    try:
+        import torch
+
+        capability = torch.backends.cpu.get_cpu_capability()
+    except ImportError:
+        capability = None
+    return {"model": model, "usable_cores": len(os.sched_getaffinity(0)), "torch_capability": capability,
+            "vector_flags": [f for f in flags if f.startswith(("avx", "fma", "amx", "sse4", "f16c"))], "flags": flags}
+
+
 def versions() -> dict:
     """The versions of ew and of what it is measured against."""
     found = {}
-    for package in ("ew", "onnxruntime", "torch", "sentence-transformers", "scikit-learn", "duckdb", "deltalake"):
+    for package in ("ew", "onnxruntime", "torch", "transformers", "tokenizers", "sentence-transformers", "scikit-learn",
+                    "duckdb", "deltalake"):
         try:
             found[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
