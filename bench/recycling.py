@@ -1,7 +1,7 @@
 """Embedding recycling: training above cached layer-K token states, beside what the cache saves.
 
     python -m bench.recycling [--docs 10000] [--from-layer 4] [--epochs 2] [--recompute-epochs 1]
-                              [--batch-size 64] [--threads N] [--reuse]
+                              [--batch-size 16] [--threads N] [--reuse]
 
 One run, the same documents, split, threads and machine for every row. A seeded sample of
 ``--docs`` labelled Debian documents (seed 0, as bench.ingest) is ingested into a fresh
@@ -227,7 +227,7 @@ def main() -> None:
     parser.add_argument("--from-layer", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=2, help="epochs of rows 2-6 (early stopping as fit-head's)")
     parser.add_argument("--recompute-epochs", type=int, default=1, help="epochs of the recompute row (its timing)")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=usable_cores())
     parser.add_argument("--reuse", action="store_true", help="keep bench/.recycling's warehouse (ingest reuses it)")
     args = parser.parse_args()
@@ -289,7 +289,7 @@ def main() -> None:
     vector_bytes = documents * row.dim * 4
     head_only = fit("head only")
     rows.append(ew_row("head only", head_only, cache_bytes=vector_bytes, documents=documents,
-                       note=f"ew fit-head: MLP on pooled layer {row.num_layers} (defaults: up to 30 epochs, "
+                       note=f"ew fit-head: the default head on pooled layer {row.num_layers} (up to 30 epochs, "
                             "early stopping, 1 torch thread)"))
     tuned = dict(from_layer=K, epochs=args.epochs, batch_size=args.batch_size)
     for name, options, precision in (("top", dict(tune="top"), "fp16"), ("lora", dict(tune="lora", lora_rank=4), "fp16")):

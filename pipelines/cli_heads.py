@@ -19,7 +19,7 @@ from .cli_options import LayerOrAuto, warehouse_of
 @click.option("--head", "kind", type=click.Choice(["ensemble", "mlp", "linear"]), help="Head kind (default: ensemble, an mlp and a linear head averaged; mlp with --from-layer).")
 @click.option("--hidden", type=click.IntRange(min=1), default=64, show_default=True, help="MLP hidden width.")
 @click.option("--epochs", type=click.IntRange(min=1), help="At most; early stopping on the --select score. Default: 30, or 3 with --from-layer.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), help="Rows per step. Default: 64, or 16 with --from-layer.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=1e-5, show_default=True)
 @click.option("--patience", type=click.IntRange(min=0), default=6, show_default=True, help="Epochs without a better validation score before stopping.")

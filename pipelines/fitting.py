@@ -33,6 +33,8 @@ from .tuning import StatesPlan, Trained, train_on_states
 EVAL_BATCH = 1024
 DEFAULT_EPOCHS = 30
 DEFAULT_TUNE_EPOCHS = 3
+DEFAULT_BATCH = 64
+DEFAULT_TUNE_BATCH = 16
 # On pooled vectors: an mlp and a linear head, probabilities averaged (bench/fit_head.py: the only
 # kind measured not below LogisticRegression on both accuracy and macro-F1 at every layer)
 DEFAULT_KIND = "ensemble"
@@ -104,7 +106,7 @@ def fit_head(
     kind: str | None = None,
     hidden: int = 64,
     epochs: int | None = None,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     lr: float = 1e-3,
     weight_decay: float = 1e-5,
     patience: int = 6,
@@ -155,6 +157,9 @@ def fit_head(
     check_name_free(warehouse, name)
     # Above layer K an epoch is real encoder work and a few epochs suffice; a plain head is cheap.
     epochs = epochs or (DEFAULT_EPOCHS if from_layer is None else DEFAULT_TUNE_EPOCHS)
+    # Measured on 2,000 Debian texts: batch 64 gives the layers above K too few steps to move
+    # (0.14 test accuracy after 3 epochs), batch 16 four times as many (0.65, head-only 0.56).
+    batch_size = batch_size or (DEFAULT_BATCH if from_layer is None else DEFAULT_TUNE_BATCH)
     kind = kind or (DEFAULT_KIND if from_layer is None else "mlp")
     config = TrainConfig(kind=kind, hidden=hidden, epochs=epochs, batch_size=batch_size, lr=lr,
                          weight_decay=weight_decay, seed=seed, patience=patience, select=select,
