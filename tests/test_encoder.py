@@ -12,7 +12,10 @@ from pipelines.encoder import ArtifactError, EncodedBatch, Encoder
 from warehouse.errors import EwError
 
 REPO = Path(__file__).resolve().parents[1]
-DEBIAN = Path("/work/shared/data/debian_packages.jsonl.gz")
+# shared/ sits beside the checkout (CI clones it there too); /work/shared on the developers' machines.
+DEBIAN = next((p for p in (Path(__file__).resolve().parents[2] / "shared/data/debian_packages.jsonl.gz",
+                           Path("/work/shared/data/debian_packages.jsonl.gz")) if p.is_file()),
+              Path("/work/shared/data/debian_packages.jsonl.gz"))
 TEXTS = [
     "a game",
     "the python library for data files and text in the warehouse of the model layer",
