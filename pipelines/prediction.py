@@ -94,7 +94,7 @@ def predict(
                        head=head, seconds=round(time.perf_counter() - started, 3))
     if corpus_file is not None:
         rejects = Rejects(corpus_file, rejects_file or output.with_name(output.name + ".rejects.jsonl"), on_error=on_error)
-        lines = _Lines(corpus_file, text_field=text_field, id_field=id_field, rejects=rejects)
+        lines = CorpusLines(corpus_file, text_field=text_field, id_field=id_field, rejects=rejects)
         result = _predict_file(warehouse, loaded, lines, output=output, threads=threads)
     else:
         result = _predict_stored(warehouse, loaded, DocumentFilter(where=where), output=output, version=version,
@@ -102,7 +102,7 @@ def predict(
     return replace(result, head=head, seconds=round(time.perf_counter() - started, 3))
 
 
-def _predict_file(warehouse: Warehouse, head: LoadedHead, lines: "_Lines", *, output: Path,
+def _predict_file(warehouse: Warehouse, head: LoadedHead, lines: "CorpusLines", *, output: Path,
                   threads: int | None) -> PredictResult:
     """Score every line of a corpus file; texts without a vector are embedded and stored first."""
     model, layer, pooling = head.card.model, head.card.layer, head.card.pooling
@@ -111,7 +111,7 @@ def _predict_file(warehouse: Warehouse, head: LoadedHead, lines: "_Lines", *, ou
                                 threads=threads, operation="embed-for-predict")
     snapshot = warehouse.snapshot()
     vectors = warehouse.dataset(EMBEDDINGS, snapshot)
-    rows = _write_predictions(_vector_scores(lines.scored(vectors, model=model, layer=layer, pooling=pooling), head),
+    rows = write_predictions(_vector_scores(lines.scored(vectors, model=model, layer=layer, pooling=pooling), head),
                               classes=head.classes, label=head.card.label, output=output)
     rejects = lines.rejects
     return PredictResult(head="", output=str(output), rows=rows, embedded=summary.embedded,
@@ -139,7 +139,7 @@ def _predict_stored(warehouse: Warehouse, head: LoadedHead, documents: DocumentF
             "USING (doc_hash) ORDER BY d.corpus, d.id",
             params=params + [model, layer, pooling],
         ).to_arrow_reader(CHUNK)
-        rows = _write_predictions(_vector_scores(reader, head), classes=head.classes, label=head.card.label,
+        rows = write_predictions(_vector_scores(reader, head), classes=head.classes, label=head.card.label,
                                   output=output)
         distinct = con.execute(
             f"SELECT count(DISTINCT doc_hash) FROM documents WHERE {condition}", params
@@ -152,14 +152,14 @@ def _predict_stored(warehouse: Warehouse, head: LoadedHead, documents: DocumentF
                          rejected=0, rejects_file=None, seconds=0.0, version=snapshot.version)
 
 
-class _Lines:
+class CorpusLines:
     """The records of a corpus file, read twice: once to embed what is missing, once to score."""
 
     def __init__(self, path: Path, *, text_field: str, id_field: str, rejects: Rejects):
         self.path, self.text_field, self.id_field, self.rejects = path, text_field, id_field, rejects
         self.distinct: set[str] = set()
 
-    def _chunks(self, *, first: bool) -> Iterator[tuple[list[Record], list[str]]]:
+    def chunks(self, *, first: bool) -> Iterator[tuple[list[Record], list[str]]]:
         chunk: list[Record] = []
         items = read_corpus(self.path, text_field=self.text_field, id_field=self.id_field)
         # Bad lines are reported (or written to the rejects file) on the first pass only.
@@ -174,14 +174,14 @@ class _Lines:
 
     def texts(self) -> Iterator[pa.RecordBatch]:
         """(doc_hash, text) batches for embedding."""
-        for records, keys in self._chunks(first=True):
+        for records, keys in self.chunks(first=True):
             self.distinct.update(keys)
             yield pa.record_batch({"doc_hash": keys, "text": [r.text for r in records]})
 
     def scored(self, vectors, *, model: str, layer: int, pooling: str) -> Iterator[pa.RecordBatch]:
         """(id, doc_hash, embedding) batches in file order, vectors read from ``vectors``."""
         partition = (pc.field("model") == model) & (pc.field("layer") == layer) & (pc.field("pooling") == pooling)
-        for records, keys in self._chunks(first=False):
+        for records, keys in self.chunks(first=False):
             found = vectors.to_table(columns=["doc_hash", "embedding"],
                                      filter=partition & pc.field("doc_hash").isin(sorted(set(keys))))
             index = {key: i for i, key in enumerate(found.column("doc_hash").to_pylist())}
@@ -206,7 +206,7 @@ def _vector_scores(batches: Iterator[pa.RecordBatch], head: LoadedHead):
         yield keys, head.predict_proba(x.reshape(batch.num_rows, -1))  # (B, C)
 
 
-def _write_predictions(scored, *, classes: list[str], label: str, output: Path) -> int:
+def write_predictions(scored, *, classes: list[str], label: str, output: Path) -> int:
     """Stream (key columns, probabilities (B, C)) to ``output`` with the predicted class and every class's probability."""
     schema = None
     rows = 0

@@ -80,7 +80,7 @@ def predict_above_layer(warehouse, head: TopHead, *, corpus_file: Path | None, w
                         output: Path, text_field: str, id_field: str, rejects_file: Path | None, on_error: str,
                         threads: int | None):
     """:func:`pipelines.prediction.predict` for a top/lora head: one pass, nothing written to the warehouse."""
-    from .prediction import PredictResult, _Lines, _write_predictions
+    from .prediction import PredictResult, CorpusLines, write_predictions
     from .rejects import Rejects
 
     snapshot = warehouse.snapshot(version)
@@ -89,14 +89,14 @@ def predict_above_layer(warehouse, head: TopHead, *, corpus_file: Path | None, w
     rejects = None
     if corpus_file is not None:
         rejects = Rejects(corpus_file, rejects_file or output.with_name(output.name + ".rejects.jsonl"), on_error=on_error)
-        lines = _Lines(corpus_file, text_field=text_field, id_field=id_field, rejects=rejects)
+        lines = CorpusLines(corpus_file, text_field=text_field, id_field=id_field, rejects=rejects)
         chunks = (({"id": pa.array([r.id for r in records], pa.string()), "doc_hash": pa.array(keys, pa.string())},
-                   keys, [r.text for r in records]) for records, keys in lines._chunks(first=True))
+                   keys, [r.text for r in records]) for records, keys in lines.chunks(first=True))
         with rejects:
-            rows = _write_predictions(scored_chunks(scorer, chunks), classes=head.classes, label=head.card.label,
+            rows = write_predictions(scored_chunks(scorer, chunks), classes=head.classes, label=head.card.label,
                                       output=output)
     else:
-        rows = _write_predictions(scored_chunks(scorer, _stored_chunks(warehouse, snapshot, where)),
+        rows = write_predictions(scored_chunks(scorer, _stored_chunks(warehouse, snapshot, where)),
                                   classes=head.classes, label=head.card.label, output=output)
     return PredictResult(head=head.card.name, output=str(output), rows=rows, embedded=scorer.encoded,
                          reused=scorer.cached, rejected=rejects.count if rejects else 0,
