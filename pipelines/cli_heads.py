@@ -97,7 +97,7 @@ def heads(ctx: click.Context, version: int | None, as_json: bool) -> None:
             click.echo(json.dumps(row.summary()))
         else:
             click.echo(
-                f"{row.head:<32} {row.label:<12} {row.kind:<6} {row.model} layer {row.layer:<3} "
+                f"{row.head:<32} {row.label:<12} {row.kind:<12} {row.model} layer {row.layer:<3} "
                 f"acc {row.accuracy:.4f} macro-F1 {row.macro_f1:.4f} ({len(row.classes)} classes, v{row.trained_on_version})"
             )
 
