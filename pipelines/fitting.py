@@ -180,6 +180,7 @@ def fit_head(
     card, directory = store_head(warehouse, replace(trained.card, created_at=now_utc().isoformat()), trained.write)
     what = f"layer {card.layer}" if card.tune == "head" else f"{card.tune} above layer {card.layer}"
     report = write_report(directory / "report.png", history=trained.history, metrics=trained.metrics,
+                          best_epoch=card.best_epoch,
                           title=f"{name}: {label} from {row.model} {what}")
     return FitResult.of(card, path=directory, report=report, reused=trained.documents - trained.embedded,
                         embedded=trained.embedded, seconds=time.perf_counter() - started,

@@ -36,7 +36,7 @@ def _row_labels(metrics: Metrics) -> list[str]:
     return [f"{_short(item.label)} ({item.support})" for item in metrics.per_class]
 
 
-def _plot_curves(axes, history: Sequence[EpochStats]) -> None:
+def _plot_curves(axes, history: Sequence[EpochStats], best_epoch: int | None) -> None:
     if not history:
         axes.text(0.5, 0.5, "no epochs recorded", ha="center", va="center", transform=axes.transAxes)
         axes.set_axis_off()
@@ -44,8 +44,9 @@ def _plot_curves(axes, history: Sequence[EpochStats]) -> None:
     epochs = [stats.epoch for stats in history]
     axes.plot(epochs, [stats.train_loss for stats in history], marker="o", ms=3, label="train loss")
     axes.plot(epochs, [stats.val_loss for stats in history], marker="o", ms=3, label="val loss")
-    best = min(history, key=lambda stats: stats.val_loss)
-    axes.axvline(best.epoch, color="grey", linestyle=":", linewidth=1, label=f"best epoch ({best.epoch})")
+    # The epoch the head keeps (chosen by validation macro-F1 or loss); the lowest loss if not given.
+    best = best_epoch or min(history, key=lambda stats: stats.val_loss).epoch
+    axes.axvline(best, color="grey", linestyle=":", linewidth=1, label=f"kept epoch ({best})")
     axes.set_xlabel("epoch")
     axes.set_ylabel("cross-entropy")
     accuracy_axes = axes.twinx()
@@ -88,8 +89,12 @@ def _plot_confusion(figure, axes, colorbar_axes, metrics: Metrics) -> None:
     figure.colorbar(image, cax=colorbar_axes)
 
 
-def write_report(path: Path, *, history: Sequence[EpochStats], metrics: Metrics, title: str) -> Path:
-    """Draw the report into ``path`` (PNG) via a temp file and an atomic replace; return ``path``."""
+def write_report(path: Path, *, history: Sequence[EpochStats], metrics: Metrics, title: str,
+                 best_epoch: int | None = None) -> Path:
+    """Draw the report into ``path`` (PNG) via a temp file and an atomic replace; return ``path``.
+
+    ``best_epoch``: the epoch whose weights the head keeps, marked on the curves.
+    """
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -121,7 +126,7 @@ def write_report(path: Path, *, history: Sequence[EpochStats], metrics: Metrics,
         y=1.0 - 0.15 / height,
         va="top",
     )
-    _plot_curves(axes_at(0.9, 0.9, width - 1.9, CURVES_HEIGHT), history)
+    _plot_curves(axes_at(0.9, 0.9, width - 1.9, CURVES_HEIGHT), history, best_epoch)
     matrix_top = 0.9 + CURVES_HEIGHT + 1.1
     _plot_confusion(
         figure,
