@@ -19,6 +19,7 @@ from warehouse.tables import STATE_DTYPES, TOKEN_STATES, states_matrix
 
 from .encoder import Encoder
 from .recycling import TopHead, pad_states
+from .registry import model_row
 
 BATCH = 32
 CHUNK = 1024  # documents read (and their states held) at a time
@@ -84,7 +85,7 @@ def predict_above_layer(warehouse, head: TopHead, *, corpus_file: Path | None, w
     from .rejects import Rejects
 
     snapshot = warehouse.snapshot(version)
-    artifact = warehouse.root / next(m.artifact for m in warehouse.models() if m.model == head.card.model)
+    artifact = warehouse.root / model_row(warehouse, head.card.model).artifact
     scorer = TopScorer(head, states=warehouse.dataset(TOKEN_STATES, snapshot), artifact=artifact, threads=threads)
     rejects = None
     if corpus_file is not None:
