@@ -29,8 +29,9 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from warehouse import Warehouse, Writer
-from warehouse.errors import EwError, StorageError, first_line
+from warehouse.errors import EwError
 from warehouse.selection import DocumentFilter, missing_states, missing_vectors
+from warehouse.store import damaged_table
 from warehouse.tables import EMBEDDINGS, STATE_DTYPES, TOKEN_STATES, states_column, vector_column
 
 from .registry import PreparedModel, open_model
@@ -105,12 +106,11 @@ class Plan:
 
 
 def _read_keys(dataset: pads.Dataset, columns: list[str], where, table: str) -> Iterator[pa.RecordBatch]:
-    """The key columns of a table, or one StorageError naming `ew verify` when a file is damaged."""
+    """The key columns of a table, or the one error naming `ew verify` when a file is damaged."""
     try:
         yield from dataset.to_batches(columns=columns, filter=where)
     except (OSError, pa.ArrowException) as error:
-        raise StorageError(f"cannot read the {table} table ({first_line(error)}); a data file is missing or "
-                           "damaged: run `ew verify` to see what is wrong") from None
+        raise damaged_table(table, error) from None
 
 
 def encode_texts(

@@ -114,13 +114,13 @@ class Warehouse:
         try:
             return delta_dataset(delta, self.storage, table)
         except (OSError, pa.ArrowException) as error:  # pyarrow looks at every file as it lists them
-            raise _damaged_table(table, error) from None
+            raise damaged_table(table, error) from None
 
     def _read(self, dataset: pads.Dataset, table: str, **options) -> pa.Table:
         try:
             return dataset.to_table(**options)
         except (OSError, pa.ArrowException) as error:
-            raise _damaged_table(table, error) from None
+            raise damaged_table(table, error) from None
 
     def latest_version(self) -> int | None:
         log = self._log()
@@ -197,7 +197,8 @@ class Warehouse:
             yield writer
 
 
-def _damaged_table(table: str, error: BaseException) -> StorageError:
+def damaged_table(table: str, error: BaseException) -> StorageError:
+    """The one error for a table whose files cannot be read, pointing at `ew verify`."""
     # pyarrow raises FileNotFoundError(path) for a data file the Delta log lists but the disk lacks.
     detail = f"{error} is missing" if type(error) is FileNotFoundError and not error.filename else first_line(error)
     return StorageError(
