@@ -206,8 +206,7 @@ def _train_on_vectors(warehouse: Warehouse, *, row, name: str, layer: int, docum
     card = HeadCard(
         name=name, config=trained.config, classes=stats.classes, model=row.model, layer=layer, pooling=row.pooling,
         label=documents.label, trained_on_version=stats.version, model_source=row.source, corpus=documents.corpus,
-        where=documents.where, split={"train": spec.train, "val": spec.val, "test": spec.test, "seed": spec.seed,
-                                      "rule": "int(sha256(f'{seed}:{doc_hash}')[:8], 16) % 10000"},
+        where=documents.where, split=spec.to_card(),
         rows=dict(stats.counts), missing_label=stats.missing_label, no_vector=stats.no_vector,
         rare_classes=stats.rare_classes,
         hyperparameters={**asdict(config), **({"members": trained.members} if trained.members else {})},

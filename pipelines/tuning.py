@@ -118,7 +118,7 @@ def train_on_states(
     card = HeadCard(
         name=name, config=result.head, classes=stats.classes, model=row.model, layer=layer, pooling=row.pooling,
         label=documents.label, trained_on_version=stats.version, model_source=row.source, corpus=documents.corpus,
-        where=documents.where, split=_split_card(spec), rows=dict(stats.counts), missing_label=stats.missing_label,
+        where=documents.where, split=spec.to_card(), rows=dict(stats.counts), missing_label=stats.missing_label,
         no_vector=stats.no_states, rare_classes=stats.rare_classes,
         hyperparameters={**asdict(config), "state_precision": plan.precision, "layer_lr": plan.layer_lr,
                          "lora_rank": plan.lora_rank if plan.tune == "lora" else None,
@@ -178,11 +178,6 @@ def cached_layers(warehouse: Warehouse, *, model: str, precision: str, version: 
         version=version,
     )
     return [int(row["layer"]) for row in result.read_all().to_pylist()]
-
-
-def _split_card(spec: SplitSpec) -> dict:
-    return {"train": spec.train, "val": spec.val, "test": spec.test, "seed": spec.seed,
-            "rule": "int(sha256(f'{seed}:{doc_hash}')[:8], 16) % 10000"}
 
 
 @contextmanager

@@ -69,6 +69,11 @@ class SplitSpec:
     def text(self) -> str:
         return f"{self.train},{self.val},{self.test}"
 
+    def to_card(self) -> dict:
+        """The split as a head card records it: percentages, seed and the rule."""
+        return {"train": self.train, "val": self.val, "test": self.test, "seed": self.seed,
+                "rule": "int(sha256(f'{seed}:{doc_hash}')[:8], 16) % 10000"}
+
     def split_of(self, doc_hash: str) -> str:
         """The split of one document; the SQL in :meth:`sql` computes the same."""
         bucket = int(hashlib.sha256(f"{self.seed}:{doc_hash}".encode()).hexdigest()[:8], 16) % BUCKETS
