@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib.util
 import math
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from .errors import HeadError, MissingDependencyError
 from .head_catalog import check_head_name, check_name_free, default_head_name, store_head
 from .head_card import HeadCard
 from .registry import find_model
+from .training import torch_threads
 from .tuning import StatesPlan, Trained, train_on_states
 
 EVAL_BATCH = 1024
@@ -196,7 +196,9 @@ def _train_on_vectors(warehouse: Warehouse, *, row, name: str, layer: int, docum
     if version is None:
         embedded = ensure_vectors(warehouse, documents, model_key=row.model, layer=layer, pooling=row.pooling,
                                   threads=threads, operation="embed-for-head")
-    with _one_torch_thread(), LabelledVectors(warehouse, model=row.model, layer=layer, pooling=row.pooling,
+    # A head is a few thousand weights: one thread trains it fastest and leaves the other cores
+    # to DuckDB streaming the next batches (more threads only spin against each other).
+    with torch_threads(1), LabelledVectors(warehouse, model=row.model, layer=layer, pooling=row.pooling,
                                               documents=documents, spec=spec, memory_limit=memory_limit,
                                               threads=threads, version=version) as data:
         stats = data.assemble()
@@ -256,20 +258,6 @@ def _train_and_test(data: LabelledVectors, stats: SplitStats, config):
     seconds = time.perf_counter() - started
     y_true, y_pred = predict_batches(trained.module, data.batches("test", batch_size=EVAL_BATCH))
     return trained, classification_metrics(y_true, y_pred, classes=stats.classes), seconds
-
-
-@contextmanager
-def _one_torch_thread():
-    """A head is a few thousand weights: one thread trains it fastest and leaves the other cores
-    to DuckDB streaming the next batches (more threads only spin against each other)."""
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _check_splits(data: SplitStats, label: str) -> None:

@@ -18,6 +18,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -405,3 +406,16 @@ def predict_batches(module: "torch.nn.Module", batches: Batches) -> tuple[np.nda
     if not true_parts:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     return np.concatenate(true_parts), np.concatenate(pred_parts)
+
+
+@contextmanager
+def torch_threads(threads: int):
+    """Run the block with torch using ``threads`` threads, then restore what it had."""
+    torch = require_torch()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from warehouse import Warehouse
 from warehouse.catalog import ModelRow
 from warehouse.errors import EwError
 from warehouse.selection import DocumentFilter
+from warehouse.query import usable_cores
 from warehouse.splits import SplitSpec
 from warehouse.states import LabelledStates
 from warehouse.tables import TOKEN_STATES
@@ -33,7 +33,7 @@ from .artifacts import TORCH_DIR
 from .embedding import ensure_states
 from .head_card import HeadCard
 from .metrics import Metrics
-from .training import TrainConfig
+from .training import TrainConfig, torch_threads
 
 TUNES = ("top", "lora")
 EVAL_BATCH = 64
@@ -91,7 +91,8 @@ def train_on_states(
 
     def run(layer: int, config: TrainConfig):
         """(trained top, test metrics, training seconds, split stats) above ``layer``."""
-        with _torch_threads(threads), LabelledStates(
+        # The layers above K are real matrix work: every usable core helps (unlike a tiny head).
+        with torch_threads(threads or usable_cores()), LabelledStates(
             warehouse, model=row.model, layer=layer, precision=plan.precision, documents=documents, spec=spec,
             version=version, memory_limit=memory_limit, threads=threads,
         ) as data:
@@ -178,18 +179,3 @@ def cached_layers(warehouse: Warehouse, *, model: str, precision: str, version: 
         version=version,
     )
     return [int(row["layer"]) for row in result.read_all().to_pylist()]
-
-
-@contextmanager
-def _torch_threads(threads: int | None):
-    """The layers above K are real matrix work: every usable core helps (unlike a tiny head)."""
-    import torch
-
-    from warehouse.query import usable_cores
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads or usable_cores())
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
