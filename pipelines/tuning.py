@@ -33,6 +33,7 @@ from .artifacts import TORCH_DIR
 from .embedding import ensure_states
 from .head_card import HeadCard
 from .metrics import Metrics
+from .memory import bound_heap
 from .training import TrainConfig, torch_threads
 
 TUNES = ("top", "lora")
@@ -91,6 +92,7 @@ def train_on_states(
 ) -> Trained:
     """Train above the planned layer (choosing it first with ``auto``); ``check(stats, label)`` vets the splits."""
     weights_dir = warehouse.root / row.artifact / TORCH_DIR
+    bound_heap()  # batches of every length: without it freed activations stay with the process
 
     def run(layer: int, config: TrainConfig):
         """(trained top, test metrics, training seconds, split stats) above ``layer``."""
