@@ -74,11 +74,11 @@ def test_csv_json_parquet_outputs(wh, tmp_path):
     base = ["-w", str(wh.root), "query", "select id, embedding from documents join embeddings using (doc_hash) order by id"]
     csv = runner.invoke(cli, base + ["--format", "csv"])
     assert csv.output.splitlines() == ['"id","embedding"', '"1","[0.5, 1.5]"', '"2","[2.5, 3.5]"']
+    rows = [{"id": "1", "embedding": [0.5, 1.5]}, {"id": "2", "embedding": [2.5, 3.5]}]
     js = runner.invoke(cli, base + ["--format", "json"])
-    assert [json.loads(line) for line in js.output.splitlines()] == [
-        {"id": "1", "embedding": [0.5, 1.5]},
-        {"id": "2", "embedding": [2.5, 3.5]},
-    ]
+    assert json.loads(js.stdout) == rows
+    nl = runner.invoke(cli, base + ["--nl"])
+    assert [json.loads(line) for line in nl.stdout.splitlines()] == rows
     out = tmp_path / "r.parquet"
     done = runner.invoke(cli, base + ["--output", str(out)])
     assert done.exit_code == 0, done.output

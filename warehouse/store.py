@@ -27,7 +27,7 @@ from deltalake import DeltaTable
 
 from .catalog import HeadRow, ModelRow
 from .errors import EwError, StorageError, WarehouseNotFoundError, first_line
-from .query import QueryResult, run_query
+from .query import QueryResult, log_view, run_query
 from .storage import LocalStorage
 from .tables import HEADS, LOG, LOG_SCHEMA, MODELS, SCHEMAS, TABLES, delta_dataset
 from .versions import LogEntry, Snapshot, entries, snapshot_of
@@ -176,9 +176,14 @@ class Warehouse:
         return sorted((HeadRow.from_dict(row) for row in rows), key=lambda row: row.created_at)
 
     def query(self, sql: str, *, version: int | None = None, batch_rows: int = 8192, **options) -> QueryResult:
-        """Run one sandboxed, read-only SELECT pinned to ``version``; the result streams."""
-        snapshot = self.snapshot(version)
-        return run_query(sql, datasets=self.datasets(snapshot), version=snapshot.version, batch_rows=batch_rows, **options)
+        """Run one sandboxed, read-only SELECT pinned to ``version``; the result streams.
+
+        The views: the tables, and ``log`` (the versions up to the pinned one; see :func:`warehouse.query.log_view`).
+        """
+        log = self._log()
+        snapshot = snapshot_of(log, version)
+        datasets = {**self.datasets(snapshot), LOG: pads.dataset(log_view(log, snapshot.version))}
+        return run_query(sql, datasets=datasets, version=snapshot.version, batch_rows=batch_rows, **options)
 
     def training_set(self, *, label: str, **options) -> pa.RecordBatchReader:
         """(doc_hash, label, split, embedding) batches of the labelled vectors; see :func:`warehouse.training_set.training_set`."""
