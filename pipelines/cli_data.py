@@ -12,7 +12,7 @@ from warehouse.formats import FORMATS, format_for, write_records, write_result
 from warehouse.output import written_in_place
 from warehouse.query import memory_cap
 
-from .cli_options import ROW_FORMATS, chosen_format, format_options, size_text, warehouse_of
+from .cli_options import ROW_FORMATS, chosen_format, format_options, size_text, warehouse_of, warehouse_path
 
 
 @click.command()
@@ -32,15 +32,17 @@ from .cli_options import ROW_FORMATS, chosen_format, format_options, size_text, 
 @click.option("--token-states", type=click.IntRange(min=0), metavar="K", help="Also cache layer K's hidden states of every token (0 = embedding output), once per document, in `token_states`.")
 @click.option("--state-precision", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True, help="How --token-states are stored.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress on stderr (by default a live line on a terminal, a line every few seconds in a log).")
 @click.pass_context
-def ingest(ctx: click.Context, corpus_file: Path, as_json: bool, **options) -> None:
+def ingest(ctx: click.Context, corpus_file: Path, as_json: bool, quiet: bool, **options) -> None:
     """Embed every document of a JSONL (or .jsonl.gz) corpus that is not stored yet.
 
     Example: ew ingest examples/debian_sample.jsonl --model minilm
     """
     from .ingest import ingest as run_ingest
 
-    result = run_ingest(warehouse_of(ctx, create=True), corpus_file, **options)
+    # The path, not an open warehouse: ingest creates it only once the arguments check out.
+    result = run_ingest(warehouse_path(ctx), corpus_file, progress=False if quiet else None, **options)
     if as_json:
         click.echo(json.dumps(result.to_dict()))
         return

@@ -39,8 +39,9 @@ from .cli_options import ROW_FORMATS, LayerOrAuto, chosen_format, format_options
 @click.option("--lora-rank", type=click.IntRange(min=1), default=4, show_default=True, help="With --tune lora.")
 @click.option("--state-precision", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True, help="With --from-layer: which cached states to read.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress of the epochs on stderr.")
 @click.pass_context
-def fit_head(ctx: click.Context, as_json: bool, **options) -> None:
+def fit_head(ctx: click.Context, as_json: bool, quiet: bool, **options) -> None:
     """Train a tiny classifier head on stored embeddings (embedding only what is missing), or with
     --from-layer K the layers above K as well, on cached token states.
 
@@ -48,7 +49,7 @@ def fit_head(ctx: click.Context, as_json: bool, **options) -> None:
     """
     from .fitting import fit_head as run_fit
 
-    result = run_fit(warehouse_of(ctx), **options)
+    result = run_fit(warehouse_of(ctx), progress=False if quiet else None, **options)
     if as_json:
         click.echo(json.dumps(result.to_dict()))
         return

@@ -2,15 +2,21 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import click
 
 from warehouse import EwError, Warehouse
 
 
+def warehouse_path(ctx: click.Context) -> Path:
+    """The warehouse directory given to the `ew` group (--warehouse / $EW_WAREHOUSE)."""
+    return ctx.find_root().obj["warehouse"]
+
+
 def warehouse_of(ctx: click.Context, *, create: bool = False) -> Warehouse:
     """The warehouse given to the `ew` group (--warehouse / $EW_WAREHOUSE)."""
-    return Warehouse.open(ctx.find_root().obj["warehouse"], create=create)
+    return Warehouse.open(warehouse_path(ctx), create=create)
 
 
 class LayerOrAuto(click.ParamType):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,7 +30,8 @@ from .catalog import HeadRow, ModelRow
 from .errors import EwError, StorageError, WarehouseNotFoundError, first_line
 from .query import QueryResult, log_view, run_query
 from .storage import LocalStorage
-from .tables import HEADS, LOG, LOG_SCHEMA, MODELS, SCHEMAS, TABLES, delta_dataset
+from .lock import LOCK_NAME
+from .tables import DOCUMENTS, HEADS, LOG, LOG_SCHEMA, MODELS, SCHEMAS, TABLES, delta_dataset
 from .versions import LogEntry, Snapshot, entries, snapshot_of
 from .writer import Writer, now_utc
 
@@ -48,6 +50,7 @@ class Warehouse:
 
     def __init__(self, storage: LocalStorage):
         self.storage = storage
+        self._created: str | None = None  # what open(create=True) made here: "root", "marker", or nothing
 
     # -- opening -------------------------------------------------------------------
     @classmethod
@@ -67,6 +70,7 @@ class Warehouse:
                 f"{root} exists and is not an ew warehouse (no {MARKER}); "
                 "choose an empty or new directory for --warehouse"
             )
+        made = "marker" if root.exists() else "root"
         try:
             root.mkdir(parents=True, exist_ok=True)
             temporary = root / f".{MARKER}.tmp"
@@ -74,7 +78,38 @@ class Warehouse:
             os.replace(temporary, marker)
         except OSError as error:
             raise StorageError(f"cannot create a warehouse at {root} ({error.strerror}); choose a writable directory") from None
-        return cls(LocalStorage(root))
+        warehouse = cls(LocalStorage(root))
+        warehouse._created = made
+        return warehouse
+
+    @contextmanager
+    def discarded_if_failed(self) -> Iterator[None]:
+        """If the block fails and :meth:`open` created this warehouse, and no document was stored,
+        remove it again: a failed first ingest (every line bad, a model not found) leaves no empty
+        warehouse behind. Only ew's own files go (not ``rejects/``); a directory that existed
+        before, or holds anything else, stays."""
+        try:
+            yield
+        except BaseException:
+            if self._created is not None:
+                self._discard()
+            raise
+
+    def _discard(self) -> None:
+        try:
+            if self._open_delta(DOCUMENTS) is not None:
+                return
+            for entry in self.root.iterdir():
+                if entry.name not in (MARKER, LOCK_NAME, "artifacts", LOG, *TABLES):
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+            if self._created == "root" and not any(self.root.iterdir()):
+                self.root.rmdir()
+        except (OSError, EwError):  # the error being raised is the one to report
+            pass
 
     # -- paths ---------------------------------------------------------------------
     @property
