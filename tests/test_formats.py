@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from pipelines.cli import cli
 from warehouse import EwError, Warehouse
-from warehouse.formats import escape_controls, write_result
+from warehouse.formats import _write_table, escape_controls, write_records, write_result
 
 UUID = "5e4330e2-c48b-4b8d-81c0-ecdef1d59c59"
 ESC = "\x1b"
@@ -321,3 +321,37 @@ def test_an_unconvertible_column_is_one_clear_error():
     with pytest.raises(EwError) as caught:
         write_result(pa.RecordBatchReader.from_batches(schema, [batch]), fmt="json", output=None, stdout=io.StringIO())
     assert str(caught.value).startswith("cannot write the column(s) 'x' as json: ")
+
+
+def _batches(*widths: int) -> pa.RecordBatchReader:
+    schema = pa.schema([pa.field("name", pa.string()), pa.field("n", pa.int64())])
+    batches = [pa.RecordBatch.from_pydict({"name": ["x" * w], "n": [i]}, schema=schema) for i, w in enumerate(widths)]
+    return pa.RecordBatchReader.from_batches(schema, batches)
+
+
+def test_a_table_is_aligned_over_every_batch():
+    out = io.StringIO()
+    write_result(_batches(1, 6), fmt="table", output=None, stdout=out)
+    assert out.getvalue() == "name    n\n------  -\nx       0\nxxxxxx  1\n(2 rows)\n"
+
+
+def test_a_long_table_keeps_the_widths_of_its_first_rows():
+    # Past TABLE_ALIGN_ROWS rows, held back to align them, the rest streams with their widths.
+    out = io.StringIO()
+    _write_table(_batches(1, 2, 6), out, align_rows=1)
+    assert out.getvalue() == "name  n\n----  -\nx     0\nxx    1\nxxxxxx  2\n(3 rows)\n"
+
+
+def test_rows_a_command_builds_as_csv_json_and_nl():
+    records = [{"version": 0, "pins": {"documents": -1}}, {"version": 1, "pins": {"documents": 0}}]
+    written = {}
+    for fmt in ("csv", "json", "nl"):
+        out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")  # as stdout: CSV is written to its bytes
+        write_records(records, fmt=fmt, stdout=out)
+        out.flush()
+        written[fmt] = out.buffer.getvalue().decode()
+    assert written == {
+        "csv": '"version","pins"\n0,"{""documents"": -1}"\n1,"{""documents"": 0}"\n',
+        "json": '[{"version": 0, "pins": {"documents": -1}},\n {"version": 1, "pins": {"documents": 0}}]\n',
+        "nl": '{"version": 0, "pins": {"documents": -1}}\n{"version": 1, "pins": {"documents": 0}}\n',
+    }
