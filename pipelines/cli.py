@@ -6,6 +6,8 @@ group, its one error boundary, and the entry point.
 from __future__ import annotations
 
 import ctypes
+import io
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -31,6 +33,11 @@ class _Group(click.Group):
                 traceback.print_exc()
             click.echo(f"Error: {error}", err=True)
             ctx.exit(1)
+        except BrokenPipeError:
+            # The reader of stdout went away (`ew query ... | head`): the output was wanted only in
+            # part; like other Unix tools, end quietly.
+            _discard_stdout()
+            ctx.exit(0)
         except KeyboardInterrupt:
             click.echo(
                 "Interrupted: every version committed before the interrupt is kept; run the same command again to continue.",
@@ -62,6 +69,14 @@ for _command in (cli_data.ingest, cli_data.query, cli_data.log, cli_data.models,
                  cli_data.export, cli_data.verify, cli_heads.fit_head, cli_heads.heads, cli_heads.predict,
                  cli_heads.export_head, cli_lifecycle.compact, cli_lifecycle.vacuum, cli_lifecycle.rm):
     cli.add_command(_command)
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's last flush does not fail on the closed pipe."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):  # not a real file (a test's runner): nothing to flush
+        pass
 
 
 def main() -> None:

@@ -8,11 +8,11 @@ from pathlib import Path
 import click
 import pyarrow.compute as pc
 
-from warehouse.formats import FORMATS, format_for, write_result
+from warehouse.formats import FORMATS, format_for, write_records, write_result
 from warehouse.output import written_in_place
 from warehouse.query import memory_cap
 
-from .cli_options import size_text, warehouse_of
+from .cli_options import ROW_FORMATS, chosen_format, format_options, size_text, warehouse_of, warehouse_path
 
 
 @click.command()
@@ -32,15 +32,17 @@ from .cli_options import size_text, warehouse_of
 @click.option("--token-states", type=click.IntRange(min=0), metavar="K", help="Also cache layer K's hidden states of every token (0 = embedding output), once per document, in `token_states`.")
 @click.option("--state-precision", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True, help="How --token-states are stored.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress on stderr (by default a live line on a terminal, a line every few seconds in a log).")
 @click.pass_context
-def ingest(ctx: click.Context, corpus_file: Path, as_json: bool, **options) -> None:
+def ingest(ctx: click.Context, corpus_file: Path, as_json: bool, quiet: bool, **options) -> None:
     """Embed every document of a JSONL (or .jsonl.gz) corpus that is not stored yet.
 
     Example: ew ingest examples/debian_sample.jsonl --model minilm
     """
     from .ingest import ingest as run_ingest
 
-    result = run_ingest(warehouse_of(ctx, create=True), corpus_file, **options)
+    # The path, not an open warehouse: ingest creates it only once the arguments check out.
+    result = run_ingest(warehouse_path(ctx), corpus_file, progress=False if quiet else None, **options)
     if as_json:
         click.echo(json.dumps(result.to_dict()))
         return
@@ -67,17 +69,18 @@ def ingest(ctx: click.Context, corpus_file: Path, as_json: bool, **options) -> N
 @click.command()
 @click.argument("sql")
 @click.option("--version", "version", type=click.IntRange(min=0), help="Read this warehouse version (see `ew log`).")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), help="Output format (default: table, or from --output's extension).")
-@click.option("--output", "-o", type=click.Path(path_type=Path), help="Write to this file instead of stdout.")
+@format_options(FORMATS, help="Output format (default: table, or from --output's extension): table, csv, json (one array), nl (one object per line), parquet.")
+@click.option("--output", "-o", type=click.Path(path_type=Path), help="Write to this file (its extension must match --format) instead of stdout.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Stop the query after this many seconds.")
 @click.pass_context
 def query(ctx: click.Context, sql: str, version: int | None, fmt: str | None, output: Path | None,
           timeout: float | None) -> None:
-    """Run one read-only SQL SELECT (DuckDB) over the tables documents, embeddings, models, heads, token_states.
+    """Run one read-only SQL SELECT (DuckDB) over the tables documents, embeddings, models, heads,
+    token_states, and log (the warehouse versions, with the Delta version each pins).
 
     Example: ew query "select model, layer, count(*) from embeddings group by all order by all"
     """
-    chosen = format_for(output, fmt)
+    chosen = format_for(output, chosen_format(ctx, fmt))
     try:
         with memory_cap(), warehouse_of(ctx).query(sql, version=version, timeout=timeout) as result:
             rows = write_result(result.reader, fmt=chosen, output=output, stdout=sys.stdout)
@@ -90,18 +93,18 @@ def query(ctx: click.Context, sql: str, version: int | None, fmt: str | None, ou
         click.echo(f"wrote {rows:,} rows to {where} (warehouse version {result.version})", err=True)
 
 @click.command()
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per version.")
+@format_options(ROW_FORMATS, help="table (default), csv, json (one array) or nl (one object per line, with a pins map).")
 @click.pass_context
-def log(ctx: click.Context, as_json: bool) -> None:
+def log(ctx: click.Context, fmt: str | None) -> None:
     """List the warehouse's versions: number, time, operation, rows added, the Delta version of
     each table it pins (for readers that time-travel without ew), and details.
 
     Example: ew log
     """
     entries = warehouse_of(ctx).log()
-    if as_json:
-        for entry in entries:
-            click.echo(json.dumps(entry.to_dict()))
+    fmt = chosen_format(ctx, fmt) or "table"
+    if fmt != "table":
+        write_records([entry.to_dict() for entry in entries], fmt=fmt, stdout=sys.stdout)
         return
     tables = list(entries[0].pins) if entries else []
     pins_title = "pins (" + "/".join(tables) + ")" if tables else "pins"
@@ -117,29 +120,31 @@ def log(ctx: click.Context, as_json: bool) -> None:
 @click.command()
 @click.option("--available", is_flag=True, help="List the aliases ew knows and whether their weights are installed.")
 @click.option("--version", "version", type=click.IntRange(min=0), help="Read this warehouse version.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per model.")
+@format_options(ROW_FORMATS, help="table (default), csv, json (one array) or nl (one object per line).")
 @click.pass_context
-def models(ctx: click.Context, available: bool, version: int | None, as_json: bool) -> None:
+def models(ctx: click.Context, available: bool, version: int | None, fmt: str | None) -> None:
     """List the models registered in the warehouse (or, with --available, the aliases).
 
     Example: ew models --available
     """
+    fmt = chosen_format(ctx, fmt) or "table"
     if available:
         from .models import available_models
 
-        rows = available_models()
-        for row in rows:
-            if as_json:
-                click.echo(json.dumps(row))
-            else:
-                state = f"installed at {row['path']}" if row["installed"] else "not installed"
-                click.echo(f"{row['alias']:<10} {row['hf_id']:<42} {state}")
+        aliases = available_models()
+        if fmt != "table":
+            write_records(aliases, fmt=fmt, stdout=sys.stdout)
+            return
+        for alias in aliases:
+            state = f"installed at {alias['path']}" if alias["installed"] else "not installed"
+            click.echo(f"{alias['alias']:<10} {alias['hf_id']:<42} {state}")
         return
-    for row in warehouse_of(ctx).models(version=version):
-        if as_json:
-            click.echo(json.dumps(row.to_dict(), default=str))
-        else:
-            click.echo(
+    rows = warehouse_of(ctx).models(version=version)
+    if fmt != "table":
+        write_records([row.to_dict() for row in rows], fmt=fmt, stdout=sys.stdout)
+        return
+    for row in rows:
+        click.echo(
                 f"{row.model:<32} dim {row.dim:<5} layers 0..{row.num_layers:<3} {row.pooling:<5} "
                 f"max_length {row.max_length:<5} {row.precision}  from {row.source}"
             )
@@ -152,11 +157,10 @@ def models(ctx: click.Context, available: bool, version: int | None, as_json: bo
 @click.option("--corpus", help="Only documents of this corpus.")
 @click.option("--where", help="Only documents matching this SQL condition on documents, e.g. \"section = 'python'\".")
 @click.option("--version", "version", type=click.IntRange(min=0), help="Search this warehouse version.")
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Same as --format json.")
+@format_options(ROW_FORMATS, help="table (default), csv, json (one array) or nl (one object per line); all but table with doc_hash.")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads (default: all usable cores).")
 @click.pass_context
-def search(ctx: click.Context, text: str, fmt: str, as_json: bool, **options) -> None:
+def search(ctx: click.Context, text: str, fmt: str | None, **options) -> None:
     """Find the stored documents nearest TEXT by cosine similarity (TEXT is embedded with the same model).
 
     Example: ew search "python bindings for a C library" -k 5 --where "section = 'python'"
@@ -164,7 +168,7 @@ def search(ctx: click.Context, text: str, fmt: str, as_json: bool, **options) ->
     from .search import search as run_search
 
     found = run_search(warehouse_of(ctx), text, **options)
-    fmt = "json" if as_json else fmt
+    fmt = chosen_format(ctx, fmt) or "table"
     table = found.table()
     if fmt == "table":  # for reading: 4 decimals, no hash
         table = table.drop_columns(["doc_hash"]).set_column(1, "score", pc.round(table.column("score"), 4))

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import click
 
-from .cli_options import LayerOrAuto, warehouse_of
+from warehouse.formats import write_records
+
+from .cli_options import ROW_FORMATS, LayerOrAuto, chosen_format, format_options, warehouse_of
 
 
 @click.command("fit-head")
@@ -36,8 +39,9 @@ from .cli_options import LayerOrAuto, warehouse_of
 @click.option("--lora-rank", type=click.IntRange(min=1), default=4, show_default=True, help="With --tune lora.")
 @click.option("--state-precision", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True, help="With --from-layer: which cached states to read.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress of the epochs on stderr.")
 @click.pass_context
-def fit_head(ctx: click.Context, as_json: bool, **options) -> None:
+def fit_head(ctx: click.Context, as_json: bool, quiet: bool, **options) -> None:
     """Train a tiny classifier head on stored embeddings (embedding only what is missing), or with
     --from-layer K the layers above K as well, on cached token states.
 
@@ -45,7 +49,7 @@ def fit_head(ctx: click.Context, as_json: bool, **options) -> None:
     """
     from .fitting import fit_head as run_fit
 
-    result = run_fit(warehouse_of(ctx), **options)
+    result = run_fit(warehouse_of(ctx), progress=False if quiet else None, **options)
     if as_json:
         click.echo(json.dumps(result.to_dict()))
         return
@@ -81,9 +85,9 @@ def fit_head(ctx: click.Context, as_json: bool, **options) -> None:
 
 @click.group(invoke_without_command=True)
 @click.option("--version", "version", type=click.IntRange(min=0), help="Read this warehouse version.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per head.")
+@format_options(ROW_FORMATS, help="table (default), csv, json (one array) or nl (one object per line).")
 @click.pass_context
-def heads(ctx: click.Context, version: int | None, as_json: bool) -> None:
+def heads(ctx: click.Context, version: int | None, fmt: str | None) -> None:
     """List the heads trained in this warehouse (`ew heads rm NAME` removes one).
 
     Example: ew heads
@@ -92,14 +96,16 @@ def heads(ctx: click.Context, version: int | None, as_json: bool) -> None:
         return
     from .head_catalog import list_heads
 
-    for row in list_heads(warehouse_of(ctx), version=version):
-        if as_json:
-            click.echo(json.dumps(row.summary()))
-        else:
-            click.echo(
-                f"{row.head:<32} {row.label:<12} {row.kind:<12} {row.model} layer {row.layer:<3} "
-                f"acc {row.accuracy:.4f} macro-F1 {row.macro_f1:.4f} ({len(row.classes)} classes, v{row.trained_on_version})"
-            )
+    rows = list_heads(warehouse_of(ctx), version=version)
+    fmt = chosen_format(ctx, fmt) or "table"
+    if fmt != "table":
+        write_records([row.summary() for row in rows], fmt=fmt, stdout=sys.stdout)
+        return
+    for row in rows:
+        click.echo(
+            f"{row.head:<32} {row.label:<12} {row.kind:<12} {row.model} layer {row.layer:<3} "
+            f"acc {row.accuracy:.4f} macro-F1 {row.macro_f1:.4f} ({len(row.classes)} classes, v{row.trained_on_version})"
+        )
 
 @click.command("export-head")
 @click.argument("head")

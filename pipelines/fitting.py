@@ -26,6 +26,7 @@ from .embedding import ensure_vectors
 from .errors import HeadError, MissingDependencyError
 from .head_catalog import check_head_name, check_name_free, default_head_name, store_head
 from .head_card import HeadCard
+from .progress import Progress, reporting_epochs
 from .registry import find_model
 from .training import torch_threads
 from .tuning import StatesPlan, Trained, train_on_states
@@ -123,6 +124,7 @@ def fit_head(
     tune: str = "top",
     lora_rank: int = 4,
     state_precision: str = "fp16",
+    progress: bool | None = None,
 ) -> FitResult:
     """Train a head predicting ``label`` from the stored vectors of one model and layer.
 
@@ -132,7 +134,8 @@ def fit_head(
     With ``from_layer`` (K, or "auto"), trains the encoder layers above K (``tune`` "top", or
     "lora" adapters of rank ``lora_rank``) and the head on the cached layer-K token states
     instead: see :mod:`pipelines.tuning`. ``layer="auto"`` trains a head on every stored layer and
-    keeps the best on validation (:mod:`pipelines.layer_choice`).
+    keeps the best on validation (:mod:`pipelines.layer_choice`). The epochs are shown on stderr
+    (:mod:`pipelines.progress`) unless ``progress`` is False.
 
     The defaults (inputs standardized, the epoch kept by validation macro-F1, no class weights)
     were measured against scikit-learn's LogisticRegression: see ``python -m bench.fit_head``.
@@ -166,17 +169,18 @@ def fit_head(
                          class_weight=class_weight, standardize=standardize)
 
     documents = DocumentFilter(label=label, corpus=corpus, where=where)
-    if from_layer is None:
-        def train(layer: int) -> Trained:
-            return _train_on_vectors(warehouse, row=row, name=name, layer=layer, documents=documents, spec=spec,
-                                     config=config, threads=threads, memory_limit=memory_limit, version=version)
+    with reporting_epochs(Progress(f"fit-head {name}", unit="epochs", enabled=progress)):
+        if from_layer is None:
+            def train(layer: int) -> Trained:
+                return _train_on_vectors(warehouse, row=row, name=name, layer=layer, documents=documents, spec=spec,
+                                         config=config, threads=threads, memory_limit=memory_limit, version=version)
 
-        trained = train(layer) if layer != "auto" else _train_on_best_layer(warehouse, row, train, version=version)
-    else:
-        plan = StatesPlan(from_layer=from_layer, tune=tune, lora_rank=lora_rank, precision=state_precision)
-        trained = train_on_states(warehouse, row=row, name=name, documents=documents, spec=spec, config=config,
-                                  plan=plan, check=_check_splits, threads=threads, memory_limit=memory_limit,
-                                  version=version)
+            trained = train(layer) if layer != "auto" else _train_on_best_layer(warehouse, row, train, version=version)
+        else:
+            plan = StatesPlan(from_layer=from_layer, tune=tune, lora_rank=lora_rank, precision=state_precision)
+            trained = train_on_states(warehouse, row=row, name=name, documents=documents, spec=spec, config=config,
+                                      plan=plan, check=_check_splits, threads=threads, memory_limit=memory_limit,
+                                      version=version)
     card, directory = store_head(warehouse, replace(trained.card, created_at=now_utc().isoformat()), trained.write)
     what = f"layer {card.layer}" if card.tune == "head" else f"{card.tune} above layer {card.layer}"
     report = write_report(directory / "report.png", history=trained.history, metrics=trained.metrics,

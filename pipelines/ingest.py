@@ -185,12 +185,12 @@ def ingest(
         warehouse = Warehouse.open(warehouse, create=True)
     rejects = Rejects(path, rejects_file or _default_rejects_file(warehouse, corpus), on_error=on_error)
 
-    with rejects, warehouse.writer() as writer:
-        prepared = prepare_model(writer, model, pooling=pooling, max_length=max_length)
+    with warehouse.discarded_if_failed(), rejects, warehouse.writer() as writer:
+        prepared = prepare_model(writer, model, pooling=pooling, max_length=max_length, progress=progress)
         wanted_layers = parse_layers(layers, prepared.card.num_layers)
         states = None
         if token_states is not None:
-            prepare_states(prepared, layer=token_states, name=model)
+            prepare_states(prepared, layer=token_states, name=model, progress=progress)
             states = TokenStates(token_states, state_precision)
         service = EmbeddingService(writer, prepared, layers=wanted_layers, batch_size=batch_size, threads=threads,
                                    states=states)

@@ -6,6 +6,7 @@ onnxruntime, so the ingest path never imports torch or transformers.
 from __future__ import annotations
 
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from warehouse.tables import MODELS
 from .artifacts import CARD_FILE, ModelCard, StatesCard, StatesGraph, states_file
 from .errors import ModelNotFoundError, UnknownModelKeyError
 from .models import ALIASES, ModelSource, resolve_model
+from .progress import announce
 
 
 @dataclass(frozen=True)
@@ -58,11 +60,13 @@ def prepare_model(
     *,
     pooling: str | None = None,
     max_length: int | None = None,
+    progress: bool | None = None,
 ) -> PreparedModel:
     """Make sure the model ``name`` is exported and registered in the warehouse (under the write lock).
 
     ``name`` is an alias, a Hugging Face id, a local directory, or the key of a registered model.
-    ``pooling`` defaults to mean for a new model, and to the registered model's own.
+    ``pooling`` defaults to mean for a new model, and to the registered model's own. The one-time
+    export says what it does on stderr unless ``progress`` is False.
     """
     warehouse = writer.warehouse
     row = _current_row(warehouse, name)
@@ -89,15 +93,19 @@ def prepare_model(
     if artifact.exists() and not (artifact / CARD_FILE).is_file():
         shutil.rmtree(artifact)  # a leftover of an interrupted export
     artifact.parent.mkdir(parents=True, exist_ok=True)
+    announce(f"exporting {source.name} ({source.num_layers} layers, dim {source.dim}) to ONNX once for this warehouse, checked against torch; "
+             "later runs reuse it", enabled=progress)
+    started = time.perf_counter()
     export_model(source, artifact)
     card = ModelCard.load(artifact)
+    announce(f"exported {card.key} in {time.perf_counter() - started:.1f}s", enabled=progress)
     if row is None:
         writer.register_model(card.row(artifact=str(artifact.relative_to(warehouse.root)), created_at=now_utc()))
         writer.commit("register-model", {"model": card.key, "source": card.source, "max_abs_diff": card.max_abs_diff})
     return PreparedModel(card=card, artifact=artifact, exported=True)
 
 
-def prepare_states(prepared: PreparedModel, *, layer: int, name: str) -> StatesGraph:
+def prepare_states(prepared: PreparedModel, *, layer: int, name: str, progress: bool | None = None) -> StatesGraph:
     """Make sure the artifact of ``prepared`` holds the layer-``layer`` token-state graph (under the write lock).
 
     Exported on first need (torch, and the model's weights found from ``name``, the name the
@@ -111,6 +119,7 @@ def prepare_states(prepared: PreparedModel, *, layer: int, name: str) -> StatesG
         return states.graphs[layer]
     from .states_export import export_states  # torch and transformers: only when a layer is cached the first time
 
+    announce(f"exporting the layer-{layer} token-state graph of {card.key} once (later runs reuse it)", enabled=progress)
     return export_states(_source_of(card, name, layer), prepared.artifact, layer=layer)
 
 

@@ -27,6 +27,7 @@ import numpy as np
 from pipelines.head_card import MEMBERS, HeadConfig
 from pipelines.heads import build_head, fold_standardization, require_torch, standardized_head
 from pipelines.errors import HeadError
+from pipelines.progress import epoch_done
 
 if TYPE_CHECKING:
     import torch
@@ -350,6 +351,7 @@ def train_module(
                 raise HeadError(f"training diverged at epoch {epoch} (validation loss {val_loss}); lower the learning rate")
             history.append(EpochStats(epoch=epoch, train_loss=train_loss, val_loss=val_loss, val_accuracy=val_accuracy,
                                       seconds=time.perf_counter() - epoch_started, val_macro_f1=val_macro_f1))
+            epoch_done(f"epoch {epoch}: validation accuracy {val_accuracy:.3f}, macro-F1 {val_macro_f1:.3f}")
             score = (-val_loss,) if config.select == "loss" else (val_macro_f1, -val_loss)
             if best_score is None or score > best_score:
                 best_score, best_epoch = score, epoch

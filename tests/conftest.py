@@ -10,6 +10,17 @@ TINY_WORDS = "the a of and to is in for with on game data library tool python te
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory) -> Path:
     """A random 2-layer BERT (hidden 32) with a WordPiece fast tokenizer, in Hugging Face format."""
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), layers=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_6_layers(tmp_path_factory) -> Path:
+    """The same tiny BERT with 6 layers, as MiniLM has (the README's recipes read layer 6)."""
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert-6"), layers=6)
+
+
+def make_tiny_bert(path: Path, *, layers: int) -> Path:
+    """A random BERT of ``layers`` layers (hidden 32) with a WordPiece fast tokenizer, saved at ``path``."""
     import torch
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
@@ -26,14 +37,13 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
     )
     tokenizer.decoder = decoders.WordPiece()
 
-    path = tmp_path_factory.mktemp("tiny-bert")
     PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, model_max_length=64, unk_token="[UNK]", pad_token="[PAD]",
         cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
     ).save_pretrained(path)
     (path / "vocab.txt").write_text("".join(f"{token}\n" for token in vocab))
     config = BertConfig(
-        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
         intermediate_size=37, max_position_embeddings=64,
     )
     torch.manual_seed(0)

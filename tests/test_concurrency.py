@@ -62,7 +62,7 @@ def test_ingests_fit_heads_and_pinned_readers_at_once(warehouse_copy, tiny_bert_
     ]
     heads = [
         subprocess.Popen([sys.executable, "-m", "pipelines.cli", "-w", str(wh.root), "fit-head", "--label", "section",
-                          "--name", "same", "--epochs", "3", "--json"],
+                          "--name", "same", "--epochs", "3", "--json", "--quiet"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
         for _ in range(2)
     ]

@@ -87,7 +87,7 @@ def test_ctrl_c_stops_training_stores_nothing_and_exits_130(warehouse_copy):
     from pathlib import Path
 
     command = [sys.executable, "-m", "pipelines.cli", "-w", str(warehouse_copy.root), "fit-head", "--label", "section",
-               "--name", "interrupted", "--epochs", "100000", "--patience", "0", "--batch-size", "1"]
+               "--name", "interrupted", "--epochs", "100000", "--patience", "0", "--batch-size", "1", "--quiet"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                cwd=Path(__file__).parents[1])
     # Into training: torch is loaded (it is imported when training starts), then long enough for

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from pipelines.cli import cli
 from warehouse import EwError, Warehouse
-from warehouse.formats import escape_controls, write_result
+from warehouse.formats import _write_table, escape_controls, write_records, write_result
 
 UUID = "5e4330e2-c48b-4b8d-81c0-ecdef1d59c59"
 ESC = "\x1b"
@@ -45,6 +45,7 @@ class OutputCase:
     exit_code: int = 0
     stderr: str = "wrote 1 rows to {out} (warehouse version -1)\n"
     written: str | None = None  # exactly what lands on stdout or in the target (Parquet: read back as text)
+    name: str = "out.csv"  # the target's file name
 
 
 IN_PLACE = "wrote 1 rows to {out}, in place (not a regular file) (warehouse version -1)\n"
@@ -77,9 +78,9 @@ CASES = {
     **{
         f"full-disk-{fmt}": OutputCase(
             "select 1 as a", args=("--format", fmt, "-o", "{out}"), target="existing", fault="full-disk",
-            exit_code=1, stderr=f"Error: cannot write {{out}}: {FULL}\n", written="old\n",
+            exit_code=1, stderr=f"Error: cannot write {{out}}: {FULL}\n", written="old\n", name=f"out.{extension}",
         )
-        for fmt in ("table", "csv", "json", "parquet")
+        for fmt, extension in (("table", "txt"), ("csv", "csv"), ("json", "json"), ("nl", "jsonl"), ("parquet", "parquet"))
     },
     # 5. control characters: escaped in a table and in CSV on a terminal, kept in a CSV file
     "table-escapes-controls": OutputCase(
@@ -92,7 +93,34 @@ CASES = {
     ),
     "csv-file-is-faithful": OutputCase(f"select chr(27) || '[2J' as \"c{ESC}\"", written=f'"c{ESC}"\n"{ESC}[2J"\n'),
     "json-escapes-c1-controls": OutputCase(
-        "select chr(27) || chr(155) as c", args=("--format", "json"), stderr="", written='{"c": "\\u001b\\u009b"}\n',
+        "select chr(27) || chr(155) as c", args=("--format", "json"), stderr="", written='[{"c": "\\u001b\\u009b"}]\n',
+    ),
+    # 6. sqlite-utils' conventions: --json is one array, --nl one object per line, --csv; the
+    # format follows the output's extension, and one the extension contradicts is refused
+    "json-is-one-array": OutputCase(
+        "select * from range(3) r(a)", args=("--json",), stderr="", written='[{"a": 0},\n {"a": 1},\n {"a": 2}]\n',
+    ),
+    "json-of-no-rows-is-an-empty-array": OutputCase("select 1 as a where false", args=("--json",), stderr="", written="[]\n"),
+    "nl-is-one-object-per-line": OutputCase(
+        "select * from range(2) r(a)", args=("--nl",), stderr="", written='{"a": 0}\n{"a": 1}\n',
+    ),
+    "csv-flag": OutputCase("select 1 as a", args=("--csv",), stderr="", written='"a"\n1\n'),
+    "json-file-is-one-array": OutputCase("select 1 as a", name="out.json", written='[{"a": 1}]\n'),
+    "jsonl-file-is-one-object-per-line": OutputCase("select 1 as a", name="out.jsonl", written='{"a": 1}\n'),
+    "ndjson-file-is-one-object-per-line": OutputCase("select 1 as a", name="out.ndjson", written='{"a": 1}\n'),
+    "txt-file-is-a-table": OutputCase("select 1 as a", name="out.txt", written="a\n-\n1\n(1 row)\n"),
+    "format-contradicting-the-extension": OutputCase(
+        "select 1 as a", args=("--format", "csv", "-o", "{out}"), name="x.parquet", exit_code=1,
+        stderr="Error: --format csv writes a .csv file, but {out} names a parquet file; "
+               "name it {dir}/x.csv, or leave out --format to write parquet\n",
+    ),
+    "flag-contradicting-the-extension": OutputCase(
+        "select 1 as a", args=("--nl", "-o", "{out}"), name="x.json", exit_code=1,
+        stderr="Error: --format nl writes a .jsonl or .ndjson file, but {out} names a json file; "
+               "name it {dir}/x.jsonl, or leave out --format to write json\n",
+    ),
+    "format-with-another-extension": OutputCase(
+        "select 1 as a", args=("--format", "csv", "-o", "{out}"), name="out.data", written='"a"\n1\n',
     ),
 }
 
@@ -145,8 +173,8 @@ def _table(cell: str) -> str:
 for name, (sql, cell, csv_cell, json_value, parquet_text) in TYPES.items():
     CASES[f"{name}-table"] = OutputCase(f"select {sql} as x", args=(), stderr="", written=_table(cell))
     CASES[f"{name}-csv"] = OutputCase(f"select {sql} as x", written=f'"x"\n{csv_cell}\n')
-    CASES[f"{name}-json"] = OutputCase(
-        f"select {sql} as x", args=("--format", "json"), stderr="", written=f'{{"x": {json_value}}}\n'
+    CASES[f"{name}-nl"] = OutputCase(
+        f"select {sql} as x", args=("--format", "nl"), stderr="", written=f'{{"x": {json_value}}}\n'
     )
     CASES[f"{name}-parquet"] = OutputCase(f"select {sql} as x", args=("-o", "{dir}/out.parquet"), written=parquet_text)
 
@@ -158,7 +186,7 @@ def _prepare(case: OutputCase, tmp_path: Path, monkeypatch) -> Path:
         "missing-dir": tmp_path / "missing" / "out.csv",
         "read-only": tmp_path / "locked" / "out.csv",
         "directory": tmp_path / "adir",
-    }.get(case.target, tmp_path / "out" / "out.csv")
+    }.get(case.target, tmp_path / "out" / case.name)
     if out.parent != Path("/dev") and case.target != "missing-dir":
         out.parent.mkdir(exist_ok=True)
     if case.target == "existing":
@@ -246,7 +274,7 @@ def test_output_cases(name, wh, tmp_path, monkeypatch, umask_022):
         return
     if target is None:
         assert result.stdout == case.written
-    elif target.suffix == ".parquet":
+    elif target.suffix == ".parquet" and case.exit_code == 0:
         assert duckdb.sql(f"select x::varchar from read_parquet('{target}')").fetchall() == [(case.written,)]
     else:
         assert target.read_text() == case.written
@@ -293,3 +321,37 @@ def test_an_unconvertible_column_is_one_clear_error():
     with pytest.raises(EwError) as caught:
         write_result(pa.RecordBatchReader.from_batches(schema, [batch]), fmt="json", output=None, stdout=io.StringIO())
     assert str(caught.value).startswith("cannot write the column(s) 'x' as json: ")
+
+
+def _batches(*widths: int) -> pa.RecordBatchReader:
+    schema = pa.schema([pa.field("name", pa.string()), pa.field("n", pa.int64())])
+    batches = [pa.RecordBatch.from_pydict({"name": ["x" * w], "n": [i]}, schema=schema) for i, w in enumerate(widths)]
+    return pa.RecordBatchReader.from_batches(schema, batches)
+
+
+def test_a_table_is_aligned_over_every_batch():
+    out = io.StringIO()
+    write_result(_batches(1, 6), fmt="table", output=None, stdout=out)
+    assert out.getvalue() == "name    n\n------  -\nx       0\nxxxxxx  1\n(2 rows)\n"
+
+
+def test_a_long_table_keeps_the_widths_of_its_first_rows():
+    # Past TABLE_ALIGN_ROWS rows, held back to align them, the rest streams with their widths.
+    out = io.StringIO()
+    _write_table(_batches(1, 2, 6), out, align_rows=1)
+    assert out.getvalue() == "name  n\n----  -\nx     0\nxx    1\nxxxxxx  2\n(3 rows)\n"
+
+
+def test_rows_a_command_builds_as_csv_json_and_nl():
+    records = [{"version": 0, "pins": {"documents": -1}}, {"version": 1, "pins": {"documents": 0}}]
+    written = {}
+    for fmt in ("csv", "json", "nl"):
+        out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")  # as stdout: CSV is written to its bytes
+        write_records(records, fmt=fmt, stdout=out)
+        out.flush()
+        written[fmt] = out.buffer.getvalue().decode()
+    assert written == {
+        "csv": '"version","pins"\n0,"{""documents"": -1}"\n1,"{""documents"": 0}"\n',
+        "json": '[{"version": 0, "pins": {"documents": -1}},\n {"version": 1, "pins": {"documents": 0}}]\n',
+        "nl": '{"version": 0, "pins": {"documents": -1}}\n{"version": 1, "pins": {"documents": 0}}\n',
+    }

@@ -74,11 +74,11 @@ def test_csv_json_parquet_outputs(wh, tmp_path):
     base = ["-w", str(wh.root), "query", "select id, embedding from documents join embeddings using (doc_hash) order by id"]
     csv = runner.invoke(cli, base + ["--format", "csv"])
     assert csv.output.splitlines() == ['"id","embedding"', '"1","[0.5, 1.5]"', '"2","[2.5, 3.5]"']
+    rows = [{"id": "1", "embedding": [0.5, 1.5]}, {"id": "2", "embedding": [2.5, 3.5]}]
     js = runner.invoke(cli, base + ["--format", "json"])
-    assert [json.loads(line) for line in js.output.splitlines()] == [
-        {"id": "1", "embedding": [0.5, 1.5]},
-        {"id": "2", "embedding": [2.5, 3.5]},
-    ]
+    assert json.loads(js.stdout) == rows
+    nl = runner.invoke(cli, base + ["--nl"])
+    assert [json.loads(line) for line in nl.stdout.splitlines()] == rows
     out = tmp_path / "r.parquet"
     done = runner.invoke(cli, base + ["--output", str(out)])
     assert done.exit_code == 0, done.output
@@ -196,3 +196,28 @@ def test_a_result_read_in_part_can_be_closed(wh):
     with wh.query("select * from range(1000000000000)", batch_rows=10) as result:
         assert result.reader.read_next_batch().num_rows == 10
     # leaving the block stopped DuckDB: nothing left running
+
+
+def test_log_is_a_view_pinned_like_the_tables(wh):
+    with wh.writer() as w:
+        w.upsert_documents(pa.table({"corpus": ["c"], "id": ["3"], "doc_hash": ["c"], "text": ["z"]}))
+        w.commit("ingest", {"corpus": "c"})
+    sql = "select version, operation, detail::json ->> 'corpus' as corpus, pins['documents'] as documents, pins['heads'] as heads from log"
+    assert wh.query(sql).read_all().to_pylist() == [
+        {"version": 0, "operation": "ingest", "corpus": None, "documents": 0, "heads": -1},
+        {"version": 1, "operation": "ingest", "corpus": "c", "documents": 1, "heads": -1},
+    ]
+    assert wh.query("select max(version) as v from log", version=0).read_all().to_pylist() == [{"v": 0}]
+    shown = CliRunner().invoke(cli, ["-w", str(wh.root), "query", "select version, pins from log", "--version", "0"])
+    assert shown.stdout.splitlines()[2] == "0        {documents=0, embeddings=0, models=-1, …"
+
+
+def test_a_reader_that_stops_early_ends_the_query_quietly(wh):
+    # `ew query ... | head -1`: no BrokenPipeError traceback, exit code 0, as other Unix tools
+    command = [sys.executable, "-m", "pipelines.cli", "-w", str(wh.root), "query", "select * from range(1000000)"]
+    ew = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    head = subprocess.Popen(["head", "-1"], stdin=ew.stdout, stdout=subprocess.PIPE)
+    ew.stdout.close()  # head alone holds the pipe: when it exits, ew's next write fails
+    first, _ = head.communicate(timeout=60)
+    stderr = ew.stderr.read()
+    assert (ew.wait(timeout=60), first, stderr) == (0, b"range\n", b"")

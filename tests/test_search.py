@@ -58,7 +58,8 @@ def test_cli_table_and_json(ingested):
     assert lines[2].split()[:4] == ["1", "1", doc["corpus"], doc["id"]]
     assert lines[-1] == "(2 rows)"
     result = run("search", doc["text"], "-k", 2, "--json", warehouse=ingested)
-    rows = [json.loads(line) for line in result.output.splitlines()]
+    rows = json.loads(result.stdout)
+    assert [json.loads(line) for line in run("search", doc["text"], "-k", 2, "--nl", warehouse=ingested).stdout.splitlines()] == rows
     assert [r["rank"] for r in rows] == [1, 2] and rows[0]["doc_hash"] == doc["doc_hash"]
     assert rows[0]["text"] == doc["text"]
 

@@ -1,10 +1,16 @@
 import subprocess
 import sys
+from datetime import datetime, timezone
 
 import pyarrow as pa
 import pytest
 
 from warehouse import EwError, VersionNotFoundError, Warehouse, WarehouseLockedError, WarehouseNotFoundError
+from warehouse.catalog import ModelRow
+
+MODEL_ROW = ModelRow(model="m-1", name="m", source="test", fingerprint="f" * 64, dim=8, num_layers=2, max_length=16,
+                     pooling="mean", precision="fp32", max_abs_diff=0.0, artifact="artifacts/models/m-1",
+                     created_at=datetime.now(timezone.utc))
 
 
 def docs(*ids, section="x"):
@@ -144,3 +150,31 @@ def test_a_warehouse_it_cannot_write_refuses_writes_with_one_clear_error(wh):
     with pytest.raises(EwError, match=r"cannot write to the warehouse .* check its permissions"):
         with wh.writer():
             pass
+
+
+@pytest.mark.parametrize("existed", [False, True])
+def test_a_failed_first_write_leaves_no_warehouse_behind(tmp_path, existed):
+    root = tmp_path / "new"
+    if existed:
+        root.mkdir()
+    wh = Warehouse.open(root, create=True)
+    with pytest.raises(EwError, match="no such model"):
+        with wh.discarded_if_failed(), wh.writer() as w:
+            w.register_model(MODEL_ROW)
+            w.commit("register-model")
+            raise EwError("no such model")
+    # a directory that was there before stays, emptied of ew's files; one ew made goes
+    assert (sorted(root.iterdir()) == []) if existed else not root.exists()
+
+
+def test_a_failed_write_keeps_a_warehouse_with_documents_or_one_it_did_not_create(tmp_path):
+    wh = Warehouse.open(tmp_path / "wh", create=True)
+    with pytest.raises(EwError), wh.discarded_if_failed(), wh.writer() as w:
+        w.upsert_documents(docs("1"))
+        w.commit("ingest")
+        raise EwError("later chunk failed")
+    reopened = Warehouse.open(tmp_path / "wh")
+    assert reopened.latest_version() == 0
+    with pytest.raises(EwError), reopened.discarded_if_failed():
+        raise EwError("failed")
+    assert Warehouse.open(tmp_path / "wh").latest_version() == 0

@@ -209,7 +209,7 @@ def test_ew_query_sees_the_table(states_ingested):
     sql = "select layer, precision, count(*) as docs, sum(octet_length(states)) = sum(n_tokens * dim * 2) as sized from token_states group by all"
     result = CliRunner().invoke(cli, ["-w", str(states_ingested.root), "query", sql, "--format", "json"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output) == {"layer": 1, "precision": "fp16", "docs": 40, "sized": True}
+    assert json.loads(result.stdout) == [{"layer": 1, "precision": "fp16", "docs": 40, "sized": True}]
 
 
 def test_the_torch_weights_rebuild_the_layers_above_k(states_ingested):
@@ -240,12 +240,12 @@ def test_ingest_summary_on_the_command_line(tmp_path, tiny_bert_dir):
     corpus = write_corpus(tmp_path / "c.jsonl", 5)
     invoke = lambda *args: CliRunner().invoke(cli, ["-w", str(tmp_path / "wh"), "ingest", str(corpus), "--model",
                                                     str(tiny_bert_dir), *args])
-    summary = json.loads(invoke("--token-states", "2", "--json").output)
+    summary = json.loads(invoke("--token-states", "2", "--json").stdout)
     assert (summary["token_states"], summary["state_precision"], summary["states_cached"]) == (2, "fp16", 5)
     assert summary["states_bytes_per_document"] == round(summary["states_bytes"] / 5, 1) > 0
     human = invoke("--token-states", "2")
     assert human.exit_code == 0, human.output
-    assert human.output.splitlines()[-1] == "token states of layer 2 (fp16): cached 0 documents, 0.0 KB per document (mean), 0.0 MB in all"
+    assert human.stdout.splitlines()[-1] == "token states of layer 2 (fp16): cached 0 documents, 0.0 KB per document (mean), 0.0 MB in all"
     beyond = invoke("--token-states", "3")
     assert beyond.exit_code == 1
     assert beyond.stderr == "Error: --token-states: layer 3 does not exist; this model has layers 0..2\n"

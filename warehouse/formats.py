@@ -1,9 +1,11 @@
-"""Writing a streamed query result: an aligned table, CSV, JSON Lines or Parquet.
+"""Writing a streamed query result: an aligned table, CSV, a JSON array, JSON Lines or Parquet.
 
-Every writer consumes record batches one at a time, so a result of millions of rows never
-sits in memory. Files are written through :func:`warehouse.output.atomic_output` (whole or not
-at all; a FIFO or a device in place), and a column a format cannot hold is first rewritten by
-:func:`warehouse.conversion.for_format`.
+The formats and their flags follow sqlite-utils: ``json`` is one JSON array (``--json``), ``nl``
+one object per line (``--nl``), ``csv`` (``--csv``). Every writer consumes record batches one at
+a time, so a result of millions of rows never sits in memory; the table alone holds up to
+``TABLE_ALIGN_ROWS`` rows back to align its columns over all of them. Files are written
+through :func:`warehouse.output.atomic_output` (whole or not at all; a FIFO or a device in
+place), and a column a format cannot hold is first rewritten by :func:`warehouse.conversion.for_format`.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import io
 import json
 import re
 from pathlib import Path
+from collections.abc import Iterable, Iterator
 from typing import IO, TextIO
 
 import pyarrow as pa
@@ -21,24 +24,42 @@ from .conversion import for_format
 from .errors import EwError
 from .output import atomic_output
 
-FORMATS = ("table", "csv", "json", "parquet")
+FORMATS = ("table", "csv", "json", "nl", "parquet")
+#: The file extensions of each format: an output named for one format is not written in another.
+EXTENSIONS: dict[str, tuple[str, ...]] = {
+    "table": (".txt",), "csv": (".csv",), "json": (".json",), "nl": (".jsonl", ".ndjson"), "parquet": (".parquet",),
+}
 MAX_CELL = 40
 MAX_LIST_ITEMS = 4
+# A table's columns are as wide as their widest cell over the first TABLE_ALIGN_ROWS rows, held
+# back until then (cells are at most MAX_CELL characters: about 4 MB for 10 columns); a longer
+# result streams on with those widths.
+TABLE_ALIGN_ROWS = 10_000
 
 
 def format_for(output: Path | None, requested: str | None) -> str:
-    """The format to write: the one asked for, else from the output's extension, else a table."""
+    """The format to write: the one asked for, else from the output's extension, else a table.
+
+    A format asked for that the output's extension contradicts (``--format csv -o x.parquet``)
+    is an error, not a CSV file named .parquet.
+    """
+    named = _format_of_extension(output) if output is not None else None
     if requested:
         if requested not in FORMATS:
             raise EwError(f"unknown format {requested!r}; choose one of {', '.join(FORMATS)}")
+        if named is not None and named != requested:
+            expected = " or ".join(EXTENSIONS[requested])
+            raise EwError(
+                f"--format {requested} writes a {expected} file, but {output} names a {named} file; "
+                f"name it {output.with_suffix(EXTENSIONS[requested][0])}, or leave out --format to write {named}"
+            )
         return requested
-    if output is not None:
-        suffix = output.suffix.lower().lstrip(".")
-        if suffix in ("csv", "parquet", "json"):
-            return suffix
-        if suffix in ("jsonl", "ndjson"):
-            return "json"
-    return "table"
+    return named or "table"
+
+
+def _format_of_extension(output: Path) -> str | None:
+    suffix = output.suffix.lower()
+    return next((fmt for fmt, suffixes in EXTENSIONS.items() if suffix in suffixes), None)
 
 
 # -- writing ------------------------------------------------------------------------------------
@@ -55,7 +76,7 @@ def write_result(reader: pa.RecordBatchReader, *, fmt: str, output: Path | None,
     if output is None:
         escape = fmt == "csv" and _is_terminal(stdout)
         return _write_csv(reader, stdout, escape=escape) if fmt == "csv" else _WRITERS[fmt](reader, stdout)
-    with atomic_output(output, "w" if fmt in ("table", "json") else "wb") as handle:
+    with atomic_output(output, "w" if fmt in ("table", "json", "nl") else "wb") as handle:
         return _WRITERS[fmt](reader, handle)
 
 
@@ -157,16 +178,51 @@ def unique_names(names: list[str]) -> list[str]:
     return unique
 
 
-def _write_json(reader: pa.RecordBatchReader, handle: IO) -> int:
-    rows = 0
+def json_text(value: object) -> str:
+    """One JSON value on one line, safe to print: C1 controls and bidi marks escaped too."""
+    return json.dumps(value, default=str, ensure_ascii=False).translate(_JSON_ESCAPES)
+
+
+def _records(reader: pa.RecordBatchReader) -> Iterator[dict]:
     names = unique_names(reader.schema.names)
     for batch in reader:
         columns = [column.to_pylist() for column in batch.columns]
         for values in zip(*columns):
-            line = json.dumps(dict(zip(names, values)), default=str, ensure_ascii=False)
-            handle.write(line.translate(_JSON_ESCAPES) + "\n")
-        rows += batch.num_rows
+            yield dict(zip(names, values))
+
+
+def _write_nl(reader: pa.RecordBatchReader, handle: IO) -> int:
+    return _write_json_records(_records(reader), handle, array=False)
+
+
+def _write_json(reader: pa.RecordBatchReader, handle: IO) -> int:
+    return _write_json_records(_records(reader), handle, array=True)
+
+
+def _write_json_records(records: Iterable[dict], handle: IO, *, array: bool) -> int:
+    """One object per line, or (``array``) the same lines as one JSON array, streamed."""
+    rows = 0
+    for record in records:
+        if array:
+            handle.write(",\n " if rows else "[")
+        handle.write(json_text(record) + ("" if array else "\n"))
+        rows += 1
+    if array:
+        handle.write("]\n" if rows else "[]\n")
     return rows
+
+
+def write_records(records: list[dict], *, fmt: str, stdout: TextIO) -> int:
+    """Rows a command builds itself (``ew log``, ``ew models``, ``ew heads``) as csv, json or nl.
+
+    In CSV a nested value (a dict, a list) is one cell of JSON text.
+    """
+    if fmt in ("json", "nl"):
+        return _write_json_records(records, stdout, array=fmt == "json")
+    if fmt != "csv":
+        raise EwError(f"cannot print these rows as {fmt}; choose csv, json or nl")
+    flat = [{k: json_text(v) if isinstance(v, (dict, list)) else v for k, v in record.items()} for record in records]
+    return write_result(pa.Table.from_pylist(flat).to_reader(), fmt="csv", output=None, stdout=stdout)
 
 
 def _cell(value: object) -> str:
@@ -174,6 +230,8 @@ def _cell(value: object) -> str:
         text = "NULL"
     elif isinstance(value, float):
         text = f"{value:.6g}"
+    elif isinstance(value, list) and value and isinstance(value[0], tuple):  # a MAP's entries, shown as DuckDB does
+        text = "{" + ", ".join(f"{_cell(key)}={_cell(item)}" for key, item in value) + "}"
     elif isinstance(value, list):
         shown = ", ".join(_cell(v) for v in value[:MAX_LIST_ITEMS])
         text = f"[{shown}, ...] ({len(value)})" if len(value) > MAX_LIST_ITEMS else f"[{shown}]"
@@ -183,28 +241,40 @@ def _cell(value: object) -> str:
     return text if len(text) <= MAX_CELL else text[: MAX_CELL - 1] + "…"
 
 
-def _write_table(reader: pa.RecordBatchReader, handle: IO) -> int:
-    """An aligned text table. Column widths come from the header and the first batch, so it streams."""
+def _write_table(reader: pa.RecordBatchReader, handle: IO, *, align_rows: int = TABLE_ALIGN_ROWS) -> int:
+    """An aligned text table: columns as wide as their widest cell over the first ``align_rows``
+    rows (held back until then), so a result of any length streams with bounded memory."""
     names = [escape_controls(name) for name in reader.schema.names]
+    held: list[tuple[str, ...]] = []
     widths: list[int] | None = None
     rows = 0
     for batch in reader:
-        cells = list(zip(*([_cell(v) for v in column.to_pylist()] for column in batch.columns)))
+        cells = zip(*([_cell(v) for v in column.to_pylist()] for column in batch.columns))
         if widths is None:
-            widths = [max([len(name)] + [len(row[i]) for row in cells]) for i, name in enumerate(names)]
-            _table_header(handle, names, widths)
-        for row in cells:
-            handle.write("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() + "\n")
+            held.extend(cells)
+            if len(held) > align_rows:
+                widths = _widths(names, held)
+                _write_rows(handle, names, held, widths, header=True)
+                held = []
+        else:
+            _write_rows(handle, names, cells, widths, header=False)
         rows += batch.num_rows
     if widths is None:
-        _table_header(handle, names, [len(n) for n in names])
+        _write_rows(handle, names, held, _widths(names, held), header=True)
     handle.write(f"({rows} row{'s' if rows != 1 else ''})\n")
     return rows
 
 
-def _table_header(handle: IO, names: list[str], widths: list[int]) -> None:
-    handle.write("  ".join(n.ljust(w) for n, w in zip(names, widths)).rstrip() + "\n")
-    handle.write("  ".join("-" * w for w in widths) + "\n")
+def _widths(names: list[str], rows: list[tuple[str, ...]]) -> list[int]:
+    return [max([len(name)] + [len(row[i]) for row in rows]) for i, name in enumerate(names)]
 
 
-_WRITERS = {"table": _write_table, "csv": _write_csv, "json": _write_json, "parquet": _write_parquet}
+def _write_rows(handle: IO, names: list[str], rows: Iterable[tuple[str, ...]], widths: list[int], *, header: bool) -> None:
+    if header:
+        handle.write("  ".join(n.ljust(w) for n, w in zip(names, widths)).rstrip() + "\n")
+        handle.write("  ".join("-" * w for w in widths) + "\n")
+    for row in rows:
+        handle.write("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() + "\n")
+
+
+_WRITERS = {"table": _write_table, "csv": _write_csv, "json": _write_json, "nl": _write_nl, "parquet": _write_parquet}

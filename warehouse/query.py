@@ -26,12 +26,20 @@ long lists) fall outside that accounting: ``select repeat('x', 2000000000)`` alo
 Linux) may grow by ``QUERY_MEMORY_CAP`` (2 GB) while the query runs; past it an allocation
 fails and the query stops with "ran out of memory".
 
+The ``log`` view lists the warehouse versions up to the pinned one (:func:`log_view`), one row
+each: ``version`` (BIGINT), ``committed_at`` (TIMESTAMP WITH TIME ZONE), ``operation``
+(VARCHAR: ingest, register-model, fit-head, ...), ``rows_added`` (BIGINT), ``detail`` (VARCHAR,
+JSON text: ``detail::json ->> 'corpus'``) and ``pins`` (MAP(VARCHAR, BIGINT): the Delta version
+of each table that version pins, -1 before the table existed; ``pins['embeddings']`` is what
+``DeltaTable("WAREHOUSE/embeddings", version=...)`` opens).
+
 Interrupts: the statement runs in a worker thread (DuckDB works without the GIL) while the
 calling thread waits, so Ctrl-C and ``timeout`` reach it; both interrupt DuckDB at once.
 """
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import queue
 import re
@@ -47,6 +55,8 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 
 from .errors import QueryError, QueryRefusedError
+from .tables import LOG_SCHEMA
+from .versions import entries
 
 DEFAULT_MEMORY_LIMIT = "1GB"
 # How far `ew query` may grow its data segment: DuckDB's 1 GB of buffers, plus 1 GB for values
@@ -181,6 +191,17 @@ def _check_names(words: list[tuple[str, bool]]) -> None:
                     raise QueryRefusedError(f"{word}() {reason}")
         if word == "show" and not quoted and after not in ALLOWED_SHOW:
             raise QueryRefusedError("SHOW reads DuckDB's settings; use SHOW TABLES, or DESCRIBE a table")
+
+
+def log_view(log: pa.Table, version: int) -> pa.Table:
+    """The ``log`` view of warehouse version ``version``: the log rows up to it, pins as one map
+    (rows written before the ``pins`` map existed read the same)."""
+    rows = [
+        {**entry.to_dict(), "committed_at": entry.committed_at, "detail": json.dumps(entry.detail),
+         "pins": list(entry.pins.items())}
+        for entry in entries(log) if entry.version <= version
+    ]
+    return pa.Table.from_pylist(rows, schema=LOG_SCHEMA)
 
 
 def usable_cores() -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,9 +28,10 @@ from deltalake import DeltaTable
 
 from .catalog import HeadRow, ModelRow
 from .errors import EwError, StorageError, WarehouseNotFoundError, first_line
-from .query import QueryResult, run_query
+from .query import QueryResult, log_view, run_query
 from .storage import LocalStorage
-from .tables import HEADS, LOG, LOG_SCHEMA, MODELS, SCHEMAS, TABLES, delta_dataset
+from .lock import LOCK_NAME
+from .tables import DOCUMENTS, HEADS, LOG, LOG_SCHEMA, MODELS, SCHEMAS, TABLES, delta_dataset
 from .versions import LogEntry, Snapshot, entries, snapshot_of
 from .writer import Writer, now_utc
 
@@ -48,6 +50,7 @@ class Warehouse:
 
     def __init__(self, storage: LocalStorage):
         self.storage = storage
+        self._created: str | None = None  # what open(create=True) made here: "root", "marker", or nothing
 
     # -- opening -------------------------------------------------------------------
     @classmethod
@@ -67,6 +70,7 @@ class Warehouse:
                 f"{root} exists and is not an ew warehouse (no {MARKER}); "
                 "choose an empty or new directory for --warehouse"
             )
+        made = "marker" if root.exists() else "root"
         try:
             root.mkdir(parents=True, exist_ok=True)
             temporary = root / f".{MARKER}.tmp"
@@ -74,7 +78,38 @@ class Warehouse:
             os.replace(temporary, marker)
         except OSError as error:
             raise StorageError(f"cannot create a warehouse at {root} ({error.strerror}); choose a writable directory") from None
-        return cls(LocalStorage(root))
+        warehouse = cls(LocalStorage(root))
+        warehouse._created = made
+        return warehouse
+
+    @contextmanager
+    def discarded_if_failed(self) -> Iterator[None]:
+        """If the block fails and :meth:`open` created this warehouse, and no document was stored,
+        remove it again: a failed first ingest (every line bad, a model not found) leaves no empty
+        warehouse behind. Only ew's own files go (not ``rejects/``); a directory that existed
+        before, or holds anything else, stays."""
+        try:
+            yield
+        except BaseException:
+            if self._created is not None:
+                self._discard()
+            raise
+
+    def _discard(self) -> None:
+        try:
+            if self._open_delta(DOCUMENTS) is not None:
+                return
+            for entry in self.root.iterdir():
+                if entry.name not in (MARKER, LOCK_NAME, "artifacts", LOG, *TABLES):
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+            if self._created == "root" and not any(self.root.iterdir()):
+                self.root.rmdir()
+        except (OSError, EwError):  # the error being raised is the one to report
+            pass
 
     # -- paths ---------------------------------------------------------------------
     @property
@@ -176,9 +211,14 @@ class Warehouse:
         return sorted((HeadRow.from_dict(row) for row in rows), key=lambda row: row.created_at)
 
     def query(self, sql: str, *, version: int | None = None, batch_rows: int = 8192, **options) -> QueryResult:
-        """Run one sandboxed, read-only SELECT pinned to ``version``; the result streams."""
-        snapshot = self.snapshot(version)
-        return run_query(sql, datasets=self.datasets(snapshot), version=snapshot.version, batch_rows=batch_rows, **options)
+        """Run one sandboxed, read-only SELECT pinned to ``version``; the result streams.
+
+        The views: the tables, and ``log`` (the versions up to the pinned one; see :func:`warehouse.query.log_view`).
+        """
+        log = self._log()
+        snapshot = snapshot_of(log, version)
+        datasets = {**self.datasets(snapshot), LOG: pads.dataset(log_view(log, snapshot.version))}
+        return run_query(sql, datasets=datasets, version=snapshot.version, batch_rows=batch_rows, **options)
 
     def training_set(self, *, label: str, **options) -> pa.RecordBatchReader:
         """(doc_hash, label, split, embedding) batches of the labelled vectors; see :func:`warehouse.training_set.training_set`."""
