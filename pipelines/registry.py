@@ -40,9 +40,10 @@ def _current_row(warehouse: Warehouse, key: str) -> ModelRow | None:
     return ModelRow.from_dict(matches[0]) if matches else None
 
 
-def _registered(warehouse: Warehouse, row: ModelRow, pooling: str | None, max_length: int | None) -> PreparedModel:
+def _registered(warehouse: Warehouse, row: ModelRow, pooling: str | None, max_length: int | None,
+                vector_precision: str | None = None) -> PreparedModel:
     """A registered model used as it is; asking it for other settings is an error, not a silent change."""
-    for option, wanted in (("pooling", pooling), ("max_length", max_length)):
+    for option, wanted in (("pooling", pooling), ("max_length", max_length), ("vector_precision", vector_precision)):
         if wanted is not None and wanted != getattr(row, option):
             raise EwError(
                 f"model {row.model} was exported with {option} {getattr(row, option)}, not {wanted}; "
@@ -58,18 +59,21 @@ def prepare_model(
     *,
     pooling: str | None = None,
     max_length: int | None = None,
+    vector_precision: str | None = None,
 ) -> PreparedModel:
     """Make sure the model ``name`` is exported and registered in the warehouse (under the write lock).
 
     ``name`` is an alias, a Hugging Face id, a local directory, or the key of a registered model.
-    ``pooling`` defaults to mean for a new model, and to the registered model's own.
+    ``pooling`` defaults to mean for a new model, and to the registered model's own; so does
+    ``vector_precision`` (fp32; fp16 is another model key).
     """
     warehouse = writer.warehouse
     row = _current_row(warehouse, name)
     if row is not None and (warehouse.root / row.artifact).is_dir():
-        return _registered(warehouse, row, pooling, max_length)
+        return _registered(warehouse, row, pooling, max_length, vector_precision)
     try:
-        source = resolve_model(name, pooling=pooling or "mean", max_length=max_length)
+        source = resolve_model(name, pooling=pooling or "mean", max_length=max_length,
+                               vector_precision=vector_precision or "fp32")
     except ModelNotFoundError as not_found:
         # The weights are not installed here, but the warehouse may hold the model exported already.
         try:
@@ -78,7 +82,7 @@ def prepare_model(
             raise not_found from None
         if not (warehouse.root / row.artifact).is_dir():
             raise not_found from None
-        return _registered(warehouse, row, None, max_length)
+        return _registered(warehouse, row, None, max_length, vector_precision)
     artifact = warehouse.model_dir(source.key)
     row = _current_row(warehouse, source.key)
     if row is not None and artifact.is_dir():
@@ -119,7 +123,8 @@ def _source_of(card: ModelCard, name: str, layer: int) -> ModelSource:
     tried = []
     for candidate in dict.fromkeys([name, card.name]):
         try:
-            source = resolve_model(candidate, pooling=card.pooling, max_length=card.max_length, precision=card.precision)
+            source = resolve_model(candidate, pooling=card.pooling, max_length=card.max_length, precision=card.precision,
+                                   vector_precision=card.vector_precision)
         except ModelNotFoundError:
             tried.append(candidate)
             continue
