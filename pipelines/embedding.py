@@ -212,8 +212,8 @@ def round_trip_cosine(vectors: np.ndarray, precision: str) -> float:
     if precision == "fp32":
         return 1.0
     exact = vectors.reshape(-1, vectors.shape[-1]).astype(np.float64)  # (N, dim)
-    stored = exact.astype(STATE_DTYPES[precision]).astype(np.float64)
-    with np.errstate(all="ignore"):
+    with np.errstate(all="ignore"):  # a value beyond the precision's range becomes inf: measured, not warned
+        stored = exact.astype(STATE_DTYPES[precision]).astype(np.float64)
         norms = np.linalg.norm(exact, axis=1) * np.linalg.norm(stored, axis=1)
         cosine = np.where(norms == 0, 1.0, (exact * stored).sum(axis=1) / norms)  # a zero vector stays zero
     return float(np.nan_to_num(cosine, nan=-1.0).min()) if len(cosine) else 1.0
@@ -226,7 +226,7 @@ def check_round_trip(vectors: np.ndarray, *, precision: str, model: str, min_cos
     if not measured >= min_cosine:
         raise EwError(
             f"storing the vectors of {model} as {precision} changes them too much: the least cosine to fp32 over "
-            f"{len(vectors)} sample documents is {measured:.6f}, below the guard {min_cosine} (its values may exceed "
+            f"{len(vectors)} sample documents is {measured:.10g}, below the guard {min_cosine} (its values may exceed "
             f"{precision}'s range); ingest with --vector-precision fp32"
         )
     return measured
