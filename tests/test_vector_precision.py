@@ -104,24 +104,44 @@ def test_ew_query_reads_fp16_vectors_as_float(both):
     assert row == {"kind": "FLOAT[]", "width": 32, "bytes": 64, "self": pytest.approx(1.0)}
 
 
-def test_fit_head_search_export_and_predict_work_on_fp16(both, tmp_path):
+@pytest.fixture(scope="module")
+def fp16_head(both):
     wh, fp32, fp16 = both
-    head = fit_head(wh, label="section", model=fp16, epochs=3, name="fp16-head")
-    assert 0 <= head.accuracy <= 1 and head.test > 0
+    return fit_head(wh, label="section", model=fp16, epochs=3, name="fp16-head")
 
+
+def test_fit_head_and_search_work_on_fp16(both, fp16_head):
+    wh, fp32, fp16 = both
+    assert fp16_head.model == fp16 and 0 <= fp16_head.accuracy <= 1 and fp16_head.test > 0
     doc = wh.query("select text, doc_hash from documents qualify count(*) over (partition by doc_hash) = 1 "
                    "order by id limit 1").read_all().to_pylist()[0]
     found = search(wh, doc["text"], model=fp16, k=2)
     assert found.rows[0].doc_hash == doc["doc_hash"] and found.rows[0].score == pytest.approx(1.0, abs=1e-3)
 
+
+def test_export_gives_the_stored_fp16_vectors_as_float32(both):
+    wh, fp32, fp16 = both
     table = wh.training_set(label="section", model=fp16, layer=2).read_all()
     assert table.schema.field("embedding").type == pa.list_(pa.float32(), 32)
     exported = dict(zip(table.column("doc_hash").to_pylist(), table.column("embedding").to_pylist()))
     stored = vectors(wh, fp16, 2)
     assert all(np.array_equal(np.float32(value), stored[key]) for key, value in exported.items())
 
-    result = predict(wh, "fp16-head", where="section = 'perl'", output=tmp_path / "p.parquet")
-    assert result.rows == pq.read_table(tmp_path / "p.parquet").num_rows > 0 and result.embedded == 0
+
+def test_predict_stored_documents_and_a_file_with_an_fp16_head(both, fp16_head, labelled_corpus, tmp_path):
+    wh, fp32, fp16 = both
+    stored = predict(wh, fp16_head.head, where="section = 'perl'", output=tmp_path / "stored.parquet")
+    assert stored.rows == pq.read_table(tmp_path / "stored.parquet").num_rows > 0 and stored.embedded == 0
+    corpus = tmp_path / "some.jsonl"
+    corpus.write_text("".join(labelled_corpus.read_text().splitlines(keepends=True)[:5]))
+    from_file = predict(wh, fp16_head.head, corpus_file=corpus, output=tmp_path / "file.parquet")
+    table = pq.read_table(tmp_path / "file.parquet")
+    assert (from_file.rows, from_file.embedded) == (5, 0)
+    by_hash = dict(zip(pq.read_table(tmp_path / "stored.parquet").column("doc_hash").to_pylist(),
+                       pq.read_table(tmp_path / "stored.parquet").column("probability").to_pylist()))
+    for key, probability in zip(table.column("doc_hash").to_pylist(), table.column("probability").to_pylist()):
+        if key in by_hash:  # the same vector scores the same, read either way
+            assert probability == pytest.approx(by_hash[key])
 
 
 def test_a_registered_fp16_model_keeps_its_precision(both, labelled_corpus):
@@ -140,17 +160,19 @@ def test_the_guard_measures_the_round_trip():
     assert round_trip_cosine(vectors, "fp16") == -1.0
 
 
-def test_the_cli_refuses_below_the_guard(tmp_path, tiny_bert_dir, labelled_corpus, monkeypatch):
+def test_the_cli_refuses_below_the_guard(both, tmp_path, monkeypatch):
+    wh, fp32, fp16 = both
     monkeypatch.setattr("pipelines.embedding.VECTOR_MIN_COSINE", 1.0)  # no fp16 round trip is exact
-    result = CliRunner().invoke(cli, ["-w", str(tmp_path / "wh"), "ingest", str(labelled_corpus), "--model",
-                                      str(tiny_bert_dir), "--layers", "last", "--vector-precision", "fp16"])
+    corpus = tmp_path / "new.jsonl"
+    corpus.write_text('{"id": "n1", "text": "a new python tool"}\n{"id": "n2", "text": "the data library"}\n')
+    before = wh.latest_version()
+    result = CliRunner().invoke(cli, ["-w", str(wh.root), "ingest", str(corpus), "--model", fp16])
     assert result.exit_code == 1
-    key = resolve_model(str(tiny_bert_dir), vector_precision="fp16").key
     assert re.fullmatch(
-        rf"Error: storing the vectors of {key} as fp16 changes them too much: the least cosine to fp32 over \d+ "
+        rf"Error: storing the vectors of {fp16} as fp16 changes them too much: the least cosine to fp32 over 2 "
         r"sample documents is 0\.9999\d*, below the guard 1\.0 \(its values may exceed fp16's range\); "
         r"ingest with --vector-precision fp32\n", result.stderr), result.stderr
-    assert Warehouse.open(tmp_path / "wh").query("select count(*) from documents").read_all().column(0)[0].as_py() == 0
+    assert wh.latest_version() == before  # nothing written
 
 
 def test_the_cli_says_how_the_vectors_are_stored(both):

@@ -68,7 +68,7 @@ EMBEDDINGS_SCHEMA = pa.schema(
 #:   NumPy/pyarrow: np.frombuffer(row["embedding_fp16"], "<f2").astype(np.float32)
 #:   Polars:        pl.col("embedding_fp16").bin.reinterpret(dtype=pl.Array(pl.Float16, dim)).cast(pl.Array(pl.Float32, dim))
 #:   DuckDB:        has no float16 type and no function that reads numbers out of a BLOB; `ew query`'s
-#:                  ``embeddings`` view decodes ``embedding`` for these rows (:func:`register_embeddings`)
+#:                  ``embeddings`` view decodes ``embedding`` for these rows (:func:`warehouse.query.register_embeddings`)
 #:
 #: (:func:`float32_vectors` does it for ew's own readers.)
 VECTOR_PRECISIONS: dict[str, str] = {"fp32": "embedding", "fp16": "embedding_fp16"}
