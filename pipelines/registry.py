@@ -5,7 +5,10 @@ onnxruntime, so the ingest path never imports torch or transformers.
 """
 from __future__ import annotations
 
+import dataclasses
+import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +19,7 @@ from warehouse.catalog import ModelRow
 from warehouse.errors import EwError
 from warehouse.keys import slug
 from warehouse.store import now_utc
-from warehouse.tables import MODELS
+from warehouse.tables import MODELS, VECTOR_PRECISIONS
 
 from .artifacts import CARD_FILE, ModelCard, StatesCard, StatesGraph, states_file
 from .errors import ModelNotFoundError, UnknownModelKeyError
@@ -88,17 +91,52 @@ def prepare_model(
     if row is not None and artifact.is_dir():
         return PreparedModel(card=ModelCard.load(artifact), artifact=artifact, exported=False)
 
-    from .export import export_model  # torch and transformers: only when a model is new here
-
     if artifact.exists() and not (artifact / CARD_FILE).is_file():
         shutil.rmtree(artifact)  # a leftover of an interrupted export
     artifact.parent.mkdir(parents=True, exist_ok=True)
-    export_model(source, artifact)
+    exported = not _copy_twin(warehouse, name, source, artifact)
+    if exported:
+        from .export import export_model  # torch and transformers: only when a model is new here
+
+        export_model(source, artifact)
     card = ModelCard.load(artifact)
     if row is None:
         writer.register_model(card.row(artifact=str(artifact.relative_to(warehouse.root)), created_at=now_utc()))
         writer.commit("register-model", {"model": card.key, "source": card.source, "max_abs_diff": card.max_abs_diff})
-    return PreparedModel(card=card, artifact=artifact, exported=True)
+    return PreparedModel(card=card, artifact=artifact, exported=exported)
+
+
+def _copy_twin(warehouse: Warehouse, name: str, source: ModelSource, artifact: Path) -> bool:
+    """Build ``artifact`` from a stored artifact of the same encoder that only stores its vectors at another
+    precision (the same graph: hard links where the file system allows, the card re-keyed), without torch;
+    whether there was one."""
+    for precision in VECTOR_PRECISIONS:
+        if precision == source.vector_precision:
+            continue
+        twin = warehouse.model_dir(resolve_model(name, pooling=source.pooling, max_length=source.max_length,
+                                                 precision=source.precision, vector_precision=precision).key)
+        if not (twin / CARD_FILE).is_file():
+            continue
+        build = Path(tempfile.mkdtemp(prefix=f".{artifact.name}.", suffix=".partial", dir=artifact.parent))
+        try:
+            shutil.copytree(twin, build, copy_function=_link_or_copy, dirs_exist_ok=True)
+            card = ModelCard.load(build)
+            # save() replaces model.json (a new file): the twin's own card is left alone.
+            dataclasses.replace(card, key=source.key, fingerprint=source.fingerprint,
+                                vector_precision=source.vector_precision).save(build)
+            os.rename(build, artifact)
+        except BaseException:
+            shutil.rmtree(build, ignore_errors=True)
+            raise
+        return True
+    return False
+
+
+def _link_or_copy(source: str, destination: str) -> None:
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)
 
 
 def prepare_states(prepared: PreparedModel, *, layer: int, name: str) -> StatesGraph:

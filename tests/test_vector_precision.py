@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
+from pipelines.artifacts import ModelCard
 from pipelines.cli import cli
 from pipelines.embedding import round_trip_cosine
 from pipelines.errors import ModelOptionError
@@ -75,6 +76,15 @@ def test_each_model_fills_only_its_own_column(both):
     assert rows == [{"model": fp16, "fp16": stored, "n": stored}]
     assert {m.model: m.vector_precision for m in wh.models()} == {fp32: "fp32", fp16: "fp16"}
     assert check_rows(wh, wh.snapshot()) == []  # `ew verify --deep` finds nothing wrong
+
+
+def test_the_fp16_model_takes_the_fp32_graph_without_exporting_again(both):
+    wh, fp32, fp16 = both
+    artifacts = {row.model: wh.root / row.artifact for row in wh.models()}
+    exact, stored = ModelCard.load(artifacts[fp32]), ModelCard.load(artifacts[fp16])
+    assert (exact.key, exact.vector_precision, stored.key, stored.vector_precision) == (fp32, "fp32", fp16, "fp16")
+    assert stored.created_at == exact.created_at and stored.onnx_sha256 == exact.onnx_sha256  # copied, not re-exported
+    assert (artifacts[fp16] / "model.onnx").read_bytes() == (artifacts[fp32] / "model.onnx").read_bytes()
 
 
 def test_fp16_vectors_take_about_half_the_bytes(both):
