@@ -1,13 +1,16 @@
 """--vector-precision fp16: the key (models.py), the storage (tables.py), the guard (embedding.py) and every reader."""
+import json
 import re
 import shutil
 from pathlib import Path
 
+import jsonschema
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+from deltalake import DeltaTable
 
 from pipelines.artifacts import ModelCard
 from pipelines.cli import cli
@@ -85,6 +88,28 @@ def test_the_fp16_model_takes_the_fp32_graph_without_exporting_again(both):
     assert (exact.key, exact.vector_precision, stored.key, stored.vector_precision) == (fp32, "fp32", fp16, "fp16")
     assert stored.created_at == exact.created_at and stored.onnx_sha256 == exact.onnx_sha256  # copied, not re-exported
     assert (artifacts[fp16] / "model.onnx").read_bytes() == (artifacts[fp32] / "model.onnx").read_bytes()
+
+
+def test_verify_flags_vectors_stored_at_another_precision_than_their_model(both, tmp_path):
+    wh, fp32, fp16 = both
+    shutil.copytree(wh.root, tmp_path / "wh")
+    copy = Warehouse.open(tmp_path / "wh")
+    with copy.writer() as writer:  # an fp32 vector under the fp16 key, as a writer other than ew could leave
+        writer.append_embeddings(pa.table({
+            "doc_hash": ["0" * 64], "model": [fp16], "layer": pa.array([0], pa.int32()), "pooling": ["mean"],
+            "embedding": pa.array([[0.5] * 32], pa.list_(pa.float32()))}))
+        writer.commit("test", {})
+    assert [(p.kind, p.what) for p in check_rows(copy, copy.snapshot())] == [
+        ("vector-precision", f"1 vectors are stored as fp32, but model {fp16} stores fp16 vectors")]
+
+
+def test_fp16_rows_match_the_embeddings_schema(both):
+    wh, fp32, fp16 = both
+    schema = json.loads((README.parent / "schemas" / "embeddings.schema.json").read_text())
+    rows = DeltaTable(str(wh.root / "embeddings")).to_pyarrow_table(filters=[("model", "=", fp16)]).to_pylist()
+    assert rows and all(row["embedding"] is None and len(row["embedding_fp16"]) == 64 for row in rows)
+    for row in rows[:20]:  # JSON has no bytes: the schema describes the BLOB as hex
+        jsonschema.validate({k: v.hex() if isinstance(v, bytes) else v for k, v in row.items() if v is not None}, schema)
 
 
 def test_fp16_vectors_take_about_half_the_bytes(both):
