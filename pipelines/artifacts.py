@@ -49,6 +49,7 @@ class ModelCard:
     fingerprint: str = ""            # SHA-256 over everything that changes the vectors
     export_format: int = 1
     precision: str = "fp32"
+    vector_precision: str = "fp32"   # how ew stores the pooled vectors: "fp32" or "fp16" (part of the key)
     output_name: str = OUTPUT_NAME
     pad_token_id: int = 0
     max_abs_diff: float | None = None  # largest |onnxruntime - torch| over every layer of the sample batch
@@ -106,6 +107,7 @@ class ModelCard:
             model=self.key, name=self.name, source=self.source, fingerprint=self.fingerprint, dim=self.dim,
             num_layers=self.num_layers, max_length=self.max_length, pooling=self.pooling, precision=self.precision,
             max_abs_diff=self.max_abs_diff, artifact=artifact, created_at=created_at,
+            vector_precision=self.vector_precision,
         )
 
 

@@ -31,6 +31,7 @@ from .cli_options import ROW_FORMATS, chosen_format, format_options, size_text, 
 @click.option("--threads", type=click.IntRange(min=1), help="Inference threads (default: all usable cores).")
 @click.option("--token-states", type=click.IntRange(min=0), metavar="K", help="Also cache layer K's hidden states of every token (0 = embedding output), once per document, in `token_states`.")
 @click.option("--state-precision", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True, help="How --token-states are stored.")
+@click.option("--vector-precision", type=click.Choice(["fp32", "fp16"]), help="How a newly exported model's pooled vectors are stored: fp16 takes half the bytes and is another model key (default: fp32; a registered model keeps its own).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr (by default a live line on a terminal, a line every few seconds in a log).")
 @click.pass_context
@@ -51,7 +52,8 @@ def ingest(ctx: click.Context, corpus_file: Path, as_json: bool, quiet: bool, **
         f"embedded {result.embedded:,}, reused {result.reused:,}, duplicates {result.duplicates:,}, "
         f"rejected {result.rejected:,}, truncated {result.truncated:,} in {result.seconds:.1f}s"
     )
-    click.echo(f"model {result.model}, layers {','.join(map(str, result.layers))}; warehouse version {result.version}")
+    click.echo(f"model {result.model}, layers {','.join(map(str, result.layers))}, {result.vector_precision} vectors; "
+               f"warehouse version {result.version}")
     if result.token_states is not None:
         click.echo(
             f"token states of layer {result.token_states} ({result.state_precision}): cached {result.states_cached:,} "
@@ -146,7 +148,7 @@ def models(ctx: click.Context, available: bool, version: int | None, fmt: str | 
     for row in rows:
         click.echo(
                 f"{row.model:<32} dim {row.dim:<5} layers 0..{row.num_layers:<3} {row.pooling:<5} "
-                f"max_length {row.max_length:<5} {row.precision}  from {row.source}"
+                f"max_length {row.max_length:<5} {row.precision}, {row.vector_precision} vectors  from {row.source}"
             )
 
 @click.command()

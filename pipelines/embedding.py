@@ -32,7 +32,7 @@ from warehouse import Warehouse, Writer
 from warehouse.errors import EwError
 from warehouse.selection import DocumentFilter, missing_states, missing_vectors
 from warehouse.store import damaged_table
-from warehouse.tables import EMBEDDINGS, STATE_DTYPES, TOKEN_STATES, states_column, vector_column
+from warehouse.tables import EMBEDDINGS, STATE_DTYPES, TOKEN_STATES, states_column, vector_columns
 
 from .registry import PreparedModel, open_model
 
@@ -42,6 +42,11 @@ if TYPE_CHECKING:
 # Texts go to the encoder in groups of this many, sorted by length, so padding stays small
 # and progress moves often.
 ENCODE_GROUP = 512
+# The least cosine between a vector and its stored round trip, as for the encoder's precisions.
+# fp16 keeps 11 significant bits: MiniLM's vectors come back at cosine > 0.99999; what fails is a
+# model whose values overflow fp16 (|x| > 65504 becomes inf) or vanish below its range.
+VECTOR_MIN_COSINE = 0.995
+GUARD_SAMPLE = 256  # documents (all their layers) whose round trip the guard measures
 
 
 @dataclass(frozen=True)
@@ -180,9 +185,10 @@ def token_state_rows(keys: Sequence[str], states: Sequence[np.ndarray], *, model
 
 
 def embedding_rows(
-    keys: Sequence[str], vectors: np.ndarray, layers_wanted: Sequence[Sequence[int]], *, model: str, pooling: str
+    keys: Sequence[str], vectors: np.ndarray, layers_wanted: Sequence[Sequence[int]], *, model: str, pooling: str,
+    precision: str = "fp32",
 ) -> pa.Table:
-    """Rows for each key's wanted layers; ``vectors`` is (n, all layers, dim)."""
+    """Rows for each key's wanted layers, stored as ``precision``; ``vectors`` is (n, all layers, dim)."""
     tables = []
     for layer in sorted({layer for layers in layers_wanted for layer in layers}):
         picked = [i for i, layers in enumerate(layers_wanted) if layer in layers]
@@ -193,11 +199,37 @@ def embedding_rows(
                     "model": pa.array([model] * len(picked), pa.string()),
                     "layer": pa.array([layer] * len(picked), pa.int32()),
                     "pooling": pa.array([pooling] * len(picked), pa.string()),
-                    "embedding": vector_column(vectors[picked, layer, :]),
+                    **vector_columns(vectors[picked, layer, :], precision),
                 }
             )
         )
     return pa.concat_tables(tables) if tables else pa.table({})
+
+
+def round_trip_cosine(vectors: np.ndarray, precision: str) -> float:
+    """The least cosine between a vector of ``vectors`` (..., dim) and the same vector stored as
+    ``precision`` and read back (1.0 for fp32; -1.0 when one overflows to inf)."""
+    if precision == "fp32":
+        return 1.0
+    exact = vectors.reshape(-1, vectors.shape[-1]).astype(np.float64)  # (N, dim)
+    with np.errstate(all="ignore"):  # a value beyond the precision's range becomes inf: measured, not warned
+        stored = exact.astype(STATE_DTYPES[precision]).astype(np.float64)
+        norms = np.linalg.norm(exact, axis=1) * np.linalg.norm(stored, axis=1)
+        cosine = np.where(norms == 0, 1.0, (exact * stored).sum(axis=1) / norms)  # a zero vector stays zero
+    return float(np.nan_to_num(cosine, nan=-1.0).min()) if len(cosine) else 1.0
+
+
+def check_round_trip(vectors: np.ndarray, *, precision: str, model: str, min_cosine: float) -> float:
+    """Refuse (EwError) to store ``model``'s vectors as ``precision`` when a sample's round trip falls
+    below ``min_cosine``; returns the least cosine measured."""
+    measured = round_trip_cosine(vectors, precision)
+    if not measured >= min_cosine:
+        raise EwError(
+            f"storing the vectors of {model} as {precision} changes them too much: the least cosine to fp32 over "
+            f"{len(vectors)} sample documents is {measured:.10g}, below the guard {min_cosine} (its values may exceed "
+            f"{precision}'s range); ingest with --vector-precision fp32"
+        )
+    return measured
 
 
 @dataclass(frozen=True)
@@ -218,9 +250,13 @@ class EmbeddingService:
     """Plans, encodes and writes the vectors of one model's wanted layers, under a writer's lock."""
 
     def __init__(self, writer: Writer, model: PreparedModel, *, layers: Sequence[int], batch_size: int = 32,
-                 threads: int | None = None, states: TokenStates | None = None):
+                 threads: int | None = None, states: TokenStates | None = None, min_cosine: float | None = None):
         self.writer = writer
         self.model = model
+        self.precision = model.card.vector_precision
+        # The stored precision's guard (see VECTOR_MIN_COSINE), measured on the first vectors encoded.
+        self.min_cosine = VECTOR_MIN_COSINE if min_cosine is None else min_cosine
+        self.guarded = self.precision == "fp32"
         self.layers = list(layers)
         self.batch_size = batch_size
         self.threads = threads
@@ -258,7 +294,7 @@ class EmbeddingService:
             todo, layers = [k for k, _ in vectors_only], [l for _, l in vectors_only]
             vectors, cut = encode_texts(self.encoder, [distinct[k] for k in todo], batch_size=self.batch_size,
                                         on_progress=on_progress)
-            rows.append(embedding_rows(todo, vectors, layers, model=self.model.key, pooling=self.model.card.pooling))
+            rows.append(self.rows(todo, vectors, layers))
             truncated += int(cut.sum())
         states = pa.table({})
         states_bytes = 0
@@ -267,7 +303,7 @@ class EmbeddingService:
             vectors, cut, text_states = encode_state_texts(
                 self.encoder, [distinct[k] for k in todo], layer=self.states.layer, dtype=self.states.dtype,
                 batch_size=self.batch_size, on_progress=on_progress)
-            rows.append(embedding_rows(todo, vectors, layers, model=self.model.key, pooling=self.model.card.pooling))
+            rows.append(self.rows(todo, vectors, layers))
             states = token_state_rows(todo, text_states, model=self.model.key, layer=self.states.layer,
                                       precision=self.states.precision)
             states_bytes = sum(s.nbytes for s in text_states)
@@ -280,6 +316,15 @@ class EmbeddingService:
             truncated=truncated, states=states, states_cached=len(with_states), states_bytes=states_bytes,
             encoded=len(vectors_only) + len(with_states),
         )
+
+    def rows(self, keys: Sequence[str], vectors: np.ndarray, layers: Sequence[Sequence[int]]) -> pa.Table:
+        """The embeddings rows of freshly encoded ``vectors``, at the model's precision (guarded once)."""
+        if not self.guarded:
+            check_round_trip(vectors[:GUARD_SAMPLE], precision=self.precision, model=self.model.key,
+                             min_cosine=self.min_cosine)
+            self.guarded = True
+        return embedding_rows(keys, vectors, layers, model=self.model.key, pooling=self.model.card.pooling,
+                              precision=self.precision)
 
     def write(self, rows: pa.Table) -> int:
         """Append embedding rows through the writer (visible at its next commit)."""

@@ -173,6 +173,7 @@ def _card(source: ModelSource, input_names: list[str], *, pad_token_id, torch, t
         pooling=source.pooling,
         max_length=source.max_length,
         precision=source.precision,
+        vector_precision=source.vector_precision,
         dim=source.dim,
         num_layers=source.num_layers,
         input_names=tuple(input_names),

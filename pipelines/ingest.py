@@ -68,6 +68,7 @@ class IngestResult:
     state_precision: str | None = None
     states_cached: int = 0            # documents whose token states this run stored
     states_bytes: int = 0             # bytes of those states (n_tokens x dim x value size, summed)
+    vector_precision: str = "fp32"    # how the model's vectors are stored (fp16: half the bytes)
 
     @property
     def states_bytes_per_document(self) -> float:
@@ -162,6 +163,8 @@ def ingest(
     progress: bool | None = None,
     token_states: int | None = None,
     state_precision: str = "fp16",
+    vector_precision: str | None = None,
+    vector_min_cosine: float | None = None,
 ) -> IngestResult:
     """Ingest the JSONL corpus at ``path`` with ``model``; see the module docstring.
 
@@ -169,6 +172,10 @@ def ingest(
 
     ``token_states`` (a layer, 0 = embedding output) also caches that layer's token states,
     stored as ``state_precision`` ("fp16" or "fp32").
+
+    ``vector_precision`` "fp16" stores a new model's pooled vectors as half floats (half the bytes;
+    another model key than fp32's, default for a new model); refused when a sample's round trip
+    falls below ``vector_min_cosine`` (default :data:`~pipelines.embedding.VECTOR_MIN_COSINE`).
     """
     started = time.perf_counter()
     check_on_error(on_error)
@@ -186,14 +193,15 @@ def ingest(
     rejects = Rejects(path, rejects_file or _default_rejects_file(warehouse, corpus), on_error=on_error)
 
     with warehouse.discarded_if_failed(), rejects, warehouse.writer() as writer:
-        prepared = prepare_model(writer, model, pooling=pooling, max_length=max_length, progress=progress)
+        prepared = prepare_model(writer, model, pooling=pooling, max_length=max_length, progress=progress,
+                                 vector_precision=vector_precision)
         wanted_layers = parse_layers(layers, prepared.card.num_layers)
         states = None
         if token_states is not None:
             prepare_states(prepared, layer=token_states, name=model, progress=progress)
             states = TokenStates(token_states, state_precision)
         service = EmbeddingService(writer, prepared, layers=wanted_layers, batch_size=batch_size, threads=threads,
-                                   states=states)
+                                   states=states, min_cosine=vector_min_cosine)
         run = _CorpusRun(writer, service, corpus=corpus)
         show = Progress(f"ingest {corpus}", enabled=progress)
         if show.enabled:
@@ -227,6 +235,7 @@ def ingest(
         state_precision=state_precision if token_states is not None else None,
         states_cached=run.states_cached,
         states_bytes=run.states_bytes,
+        vector_precision=prepared.card.vector_precision,
     )
 
 

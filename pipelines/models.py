@@ -19,6 +19,7 @@ from pathlib import Path
 
 from pipelines.errors import ModelNotFoundError, ModelOptionError
 from warehouse.keys import file_digest, fingerprint, model_key
+from warehouse.tables import VECTOR_PRECISIONS
 
 # Bump when the exported graph changes meaning (inputs, output layout, pooling maths):
 # every model key changes with it, so old vectors are never mixed with new ones.
@@ -70,10 +71,12 @@ class ModelSource:
     key: str  # model_key(name, fingerprint)
     dim: int  # hidden size
     num_layers: int  # transformer layers; the export outputs layers 0..num_layers
+    vector_precision: str = "fp32"  # how the pooled vectors are stored: "fp32" | "fp16"
 
 
 def resolve_model(
-    name: str, *, pooling: str = "mean", max_length: int | None = None, precision: str = "fp32"
+    name: str, *, pooling: str = "mean", max_length: int | None = None, precision: str = "fp32",
+    vector_precision: str = "fp32",
 ) -> ModelSource:
     """Find ``name`` locally (directory, alias, HF cache) and describe it; raise ModelNotFoundError if absent.
 
@@ -86,6 +89,9 @@ def resolve_model(
         raise ModelOptionError(display_name, "pooling", pooling, " or ".join(repr(p) for p in POOLINGS))
     if precision not in PRECISIONS:
         raise ModelOptionError(display_name, "precision", precision, " or ".join(repr(p) for p in PRECISIONS))
+    if vector_precision not in VECTOR_PRECISIONS:
+        raise ModelOptionError(display_name, "vector_precision", vector_precision,
+                               " or ".join(repr(p) for p in VECTOR_PRECISIONS))
     positions = _first_int(config, "max_position_embeddings", "n_positions")
     if max_length is None:
         max_length = _default_max_length(path, positions)
@@ -107,6 +113,7 @@ def resolve_model(
             "pooling": pooling,
             "max_length": max_length,
             "precision": precision,
+            **stored_precision_parts(vector_precision=vector_precision),
         }
     )
     return ModelSource(
@@ -120,7 +127,15 @@ def resolve_model(
         key=model_key(display_name, model_fingerprint),
         dim=dim,
         num_layers=num_layers,
+        vector_precision=vector_precision,
     )
+
+
+def stored_precision_parts(*, vector_precision: str) -> dict[str, str]:
+    """What the stored vectors' precision adds to a model's fingerprint: nothing for fp32, so the key of
+    every fp32 model stays what it was before other precisions existed (its stored vectors stay its own),
+    and a tag for the others, so vectors of different precisions never share a key."""
+    return {} if vector_precision == "fp32" else {"vector_precision": vector_precision}
 
 
 def available_models() -> list[dict]:

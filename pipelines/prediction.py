@@ -27,7 +27,7 @@ from warehouse.output import atomic_output
 from warehouse.keys import doc_hash
 from warehouse.query import connect, sql_error_message
 from warehouse.selection import DocumentFilter
-from warehouse.tables import EMBEDDINGS
+from warehouse.tables import EMBEDDINGS, VECTOR_PRECISIONS, float32_vectors
 
 from .corpus import Record, read_corpus
 from .embedding import embed_missing, ensure_vectors
@@ -182,8 +182,8 @@ class CorpusLines:
         """(id, doc_hash, embedding) batches in file order, vectors read from ``vectors``."""
         partition = (pc.field("model") == model) & (pc.field("layer") == layer) & (pc.field("pooling") == pooling)
         for records, keys in self.chunks(first=False):
-            found = vectors.to_table(columns=["doc_hash", "embedding"],
-                                     filter=partition & pc.field("doc_hash").isin(sorted(set(keys))))
+            found = float32_vectors(vectors.to_table(columns=["doc_hash", *VECTOR_PRECISIONS.values()],
+                                                     filter=partition & pc.field("doc_hash").isin(sorted(set(keys)))))
             index = {key: i for i, key in enumerate(found.column("doc_hash").to_pylist())}
             missing = [key for key in keys if key not in index]
             if missing:

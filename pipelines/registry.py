@@ -5,7 +5,10 @@ onnxruntime, so the ingest path never imports torch or transformers.
 """
 from __future__ import annotations
 
+import dataclasses
+import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +20,7 @@ from warehouse.catalog import ModelRow
 from warehouse.errors import EwError
 from warehouse.keys import slug
 from warehouse.store import now_utc
-from warehouse.tables import MODELS
+from warehouse.tables import MODELS, VECTOR_PRECISIONS
 
 from .artifacts import CARD_FILE, ModelCard, StatesCard, StatesGraph, states_file
 from .errors import ModelNotFoundError, UnknownModelKeyError
@@ -42,9 +45,10 @@ def _current_row(warehouse: Warehouse, key: str) -> ModelRow | None:
     return ModelRow.from_dict(matches[0]) if matches else None
 
 
-def _registered(warehouse: Warehouse, row: ModelRow, pooling: str | None, max_length: int | None) -> PreparedModel:
+def _registered(warehouse: Warehouse, row: ModelRow, pooling: str | None, max_length: int | None,
+                vector_precision: str | None = None) -> PreparedModel:
     """A registered model used as it is; asking it for other settings is an error, not a silent change."""
-    for option, wanted in (("pooling", pooling), ("max_length", max_length)):
+    for option, wanted in (("pooling", pooling), ("max_length", max_length), ("vector_precision", vector_precision)):
         if wanted is not None and wanted != getattr(row, option):
             raise EwError(
                 f"model {row.model} was exported with {option} {getattr(row, option)}, not {wanted}; "
@@ -61,19 +65,22 @@ def prepare_model(
     pooling: str | None = None,
     max_length: int | None = None,
     progress: bool | None = None,
+    vector_precision: str | None = None,
 ) -> PreparedModel:
     """Make sure the model ``name`` is exported and registered in the warehouse (under the write lock).
 
     ``name`` is an alias, a Hugging Face id, a local directory, or the key of a registered model.
-    ``pooling`` defaults to mean for a new model, and to the registered model's own. The one-time
-    export says what it does on stderr unless ``progress`` is False.
+    ``pooling`` defaults to mean for a new model, and to the registered model's own; so does
+    ``vector_precision`` (fp32; fp16 is another model key). The one-time export says what it
+    does on stderr unless ``progress`` is False.
     """
     warehouse = writer.warehouse
     row = _current_row(warehouse, name)
     if row is not None and (warehouse.root / row.artifact).is_dir():
-        return _registered(warehouse, row, pooling, max_length)
+        return _registered(warehouse, row, pooling, max_length, vector_precision)
     try:
-        source = resolve_model(name, pooling=pooling or "mean", max_length=max_length)
+        source = resolve_model(name, pooling=pooling or "mean", max_length=max_length,
+                               vector_precision=vector_precision or "fp32")
     except ModelNotFoundError as not_found:
         # The weights are not installed here, but the warehouse may hold the model exported already.
         try:
@@ -82,27 +89,63 @@ def prepare_model(
             raise not_found from None
         if not (warehouse.root / row.artifact).is_dir():
             raise not_found from None
-        return _registered(warehouse, row, None, max_length)
+        return _registered(warehouse, row, None, max_length, vector_precision)
     artifact = warehouse.model_dir(source.key)
     row = _current_row(warehouse, source.key)
     if row is not None and artifact.is_dir():
         return PreparedModel(card=ModelCard.load(artifact), artifact=artifact, exported=False)
 
-    from .export import export_model  # torch and transformers: only when a model is new here
-
     if artifact.exists() and not (artifact / CARD_FILE).is_file():
         shutil.rmtree(artifact)  # a leftover of an interrupted export
     artifact.parent.mkdir(parents=True, exist_ok=True)
-    announce(f"exporting {source.name} ({source.num_layers} layers, dim {source.dim}) to ONNX once for this warehouse, checked against torch; "
-             "later runs reuse it", enabled=progress)
     started = time.perf_counter()
-    export_model(source, artifact)
+    exported = not _copy_twin(warehouse, name, source, artifact)
+    if exported:
+        from .export import export_model  # torch and transformers: only when a model is new here
+
+        announce(f"exporting {source.name} ({source.num_layers} layers, dim {source.dim}) to ONNX once for this "
+                 "warehouse, checked against torch; later runs reuse it", enabled=progress)
+        export_model(source, artifact)
     card = ModelCard.load(artifact)
-    announce(f"exported {card.key} in {time.perf_counter() - started:.1f}s", enabled=progress)
+    if exported:
+        announce(f"exported {card.key} in {time.perf_counter() - started:.1f}s", enabled=progress)
     if row is None:
         writer.register_model(card.row(artifact=str(artifact.relative_to(warehouse.root)), created_at=now_utc()))
         writer.commit("register-model", {"model": card.key, "source": card.source, "max_abs_diff": card.max_abs_diff})
-    return PreparedModel(card=card, artifact=artifact, exported=True)
+    return PreparedModel(card=card, artifact=artifact, exported=exported)
+
+
+def _copy_twin(warehouse: Warehouse, name: str, source: ModelSource, artifact: Path) -> bool:
+    """Build ``artifact`` from a stored artifact of the same encoder that only stores its vectors at another
+    precision (the same graph: hard links where the file system allows, the card re-keyed), without torch;
+    whether there was one."""
+    for precision in VECTOR_PRECISIONS:
+        if precision == source.vector_precision:
+            continue
+        twin = warehouse.model_dir(resolve_model(name, pooling=source.pooling, max_length=source.max_length,
+                                                 precision=source.precision, vector_precision=precision).key)
+        if not (twin / CARD_FILE).is_file():
+            continue
+        build = Path(tempfile.mkdtemp(prefix=f".{artifact.name}.", suffix=".partial", dir=artifact.parent))
+        try:
+            shutil.copytree(twin, build, copy_function=_link_or_copy, dirs_exist_ok=True)
+            card = ModelCard.load(build)
+            # save() replaces model.json (a new file): the twin's own card is left alone.
+            dataclasses.replace(card, key=source.key, fingerprint=source.fingerprint,
+                                vector_precision=source.vector_precision).save(build)
+            os.rename(build, artifact)
+        except BaseException:
+            shutil.rmtree(build, ignore_errors=True)
+            raise
+        return True
+    return False
+
+
+def _link_or_copy(source: str, destination: str) -> None:
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)
 
 
 def prepare_states(prepared: PreparedModel, *, layer: int, name: str, progress: bool | None = None) -> StatesGraph:
@@ -128,7 +171,8 @@ def _source_of(card: ModelCard, name: str, layer: int) -> ModelSource:
     tried = []
     for candidate in dict.fromkeys([name, card.name]):
         try:
-            source = resolve_model(candidate, pooling=card.pooling, max_length=card.max_length, precision=card.precision)
+            source = resolve_model(candidate, pooling=card.pooling, max_length=card.max_length, precision=card.precision,
+                                   vector_precision=card.vector_precision)
         except ModelNotFoundError:
             tried.append(candidate)
             continue

@@ -31,10 +31,13 @@ class ModelRow:
     max_abs_diff: float | None
     artifact: str              # the artifact directory, relative to the warehouse root
     created_at: datetime
+    vector_precision: str = "fp32"  # how its vectors are stored (``embedding`` or ``embedding_fp16``)
 
     @classmethod
     def from_dict(cls, row: dict) -> "ModelRow":
-        return cls(**{f.name: row.get(f.name) for f in fields(cls)})
+        values = {f.name: row.get(f.name) for f in fields(cls)}
+        values["vector_precision"] = values["vector_precision"] or "fp32"  # rows older than the column
+        return cls(**values)
 
     def to_dict(self) -> dict:
         return asdict(self)

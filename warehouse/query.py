@@ -55,7 +55,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 
 from .errors import QueryError, QueryRefusedError
-from .tables import LOG_SCHEMA
+from .tables import EMBEDDINGS, LOG_SCHEMA, fp16_vectors
 from .versions import entries
 
 DEFAULT_MEMORY_LIMIT = "1GB"
@@ -244,11 +244,32 @@ def connect(
         },
     )
     for name, dataset in datasets.items():
-        con.register(name, dataset)
+        if name == EMBEDDINGS and "embedding_fp16" in dataset.schema.names:
+            register_embeddings(con, dataset)
+        else:
+            con.register(name, dataset)
     con.execute("SET enable_progress_bar = false")  # ew's output is its own: no bar drawn over it
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
     return con
+
+
+def register_embeddings(con: duckdb.DuckDBPyConnection, dataset: pads.Dataset) -> None:
+    """The ``embeddings`` view, whose ``embedding`` is every row's vector as FLOAT[], the fp16 ones decoded.
+
+    DuckDB has no float16 type and no function that reads numbers out of a BLOB (a SQL macro
+    over its bit strings took 19 s for 2,000 vectors), so ``ew_fp16_vector`` is a vectorized
+    Python function, a batch of blobs at a time: reading 20,000 384-wide fp16 vectors this way
+    took 0.32 s, as long as the same float32 ones. fp32 rows pass through the CASE untouched (a
+    ``coalesce`` instead cost 35% more on a cosine scan of fp32 vectors). The table as stored is
+    ``embeddings_stored``.
+    """
+    con.register("embeddings_stored", dataset)
+    con.create_function("ew_fp16_vector", fp16_vectors, [duckdb.sqltypes.BLOB], duckdb.list_type(duckdb.sqltypes.FLOAT),
+                        type="arrow", null_handling="special", side_effects=False)
+    con.execute("CREATE OR REPLACE TEMP VIEW embeddings AS SELECT * REPLACE "
+                "(CASE WHEN embedding_fp16 IS NULL THEN embedding ELSE ew_fp16_vector(embedding_fp16) END AS embedding) "
+                "FROM embeddings_stored")
 
 
 def run_query(

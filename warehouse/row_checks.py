@@ -31,8 +31,9 @@ KEYS: dict[str, tuple[str, ...]] = {
     TOKEN_STATES: ("doc_hash", "model", "layer", "precision"),
 }
 EXAMPLES = 3  # rows quoted per finding
-# One row per registered model: its dim and layers, to join the vectors and states against.
-_MODELS = "(select model, any_value(dim) as dim, any_value(num_layers) as num_layers from models group by model)"
+# One row per registered model: its dim, layers and vector precision, to join the vectors and states against.
+_MODELS = ("(select model, any_value(dim) as dim, any_value(num_layers) as num_layers, "
+           "any_value(coalesce(vector_precision, 'fp32')) as vector_precision from models group by model)")
 
 
 def check_rows(warehouse: Warehouse, snapshot: Snapshot, *, skip: Collection[str] = ()) -> list[Problem]:
@@ -143,14 +144,21 @@ class _RowCheck:
                      "their vectors cannot be found by text; ingest those records again to rewrite them")
 
     def vectors(self, con: duckdb.DuckDBPyConnection) -> None:
+        # The stored form is checked (an fp16 blob's bytes, never decoded): half floats of the model's dim,
+        # in the column of the model's vector precision.
         groups = con.sql(
-            "select e.model, e.layer, len(e.embedding) as width, m.dim, m.num_layers, count(*) as n "
-            f"from embeddings e left join {_MODELS} m on e.model = m.model "
-            "where m.model is null or len(e.embedding) is distinct from m.dim or e.layer not between 0 and m.num_layers "
+            "select model, layer, width, dim, num_layers, stored, vector_precision, count(*) as n from ("
+            "  select e.model, e.layer, m.dim, m.num_layers, m.vector_precision, m.model as registered,"
+            "    case when e.embedding_fp16 is null then len(e.embedding) else octet_length(e.embedding_fp16) / 2 end"
+            "      as width,"
+            "    case when e.embedding_fp16 is null then 'fp32' else 'fp16' end as stored"
+            f"  from embeddings e left join {_MODELS} m on e.model = m.model) "
+            "where registered is null or width is distinct from dim or layer not between 0 and num_layers "
+            "or stored <> vector_precision "
             "group by all order by all"
         ).fetchall()
         where = self.storage.table_uri(EMBEDDINGS)
-        for model, layer, width, dim, num_layers, n in groups:
+        for model, layer, width, dim, num_layers, stored, vector_precision, n in groups:
             at = f"{where} (model={model}, layer={layer})"
             if dim is None:
                 self.add("unknown-model", f"{n:,} vectors of model {model}, which the models table does not list", at,
@@ -159,8 +167,11 @@ class _RowCheck:
                 self.add("layer-range", f"{n:,} vectors of layer {layer}, outside its model's layers 0..{num_layers}", at,
                          f"they were written outside ew: {RESTORE}")
             elif width != dim:
-                self.add("vector-width", f"{n:,} vectors {'are null' if width is None else f'have {width} values'}, "
+                self.add("vector-width", f"{n:,} vectors {'are null' if width is None else f'have {width:g} values'}, "
                          f"the model's dim is {dim}", at, f"they were written outside ew: {RESTORE}")
+            else:
+                self.add("vector-precision", f"{n:,} vectors are stored as {stored}, but model {model} stores "
+                         f"{vector_precision} vectors", at, f"they were written outside ew: {RESTORE}")
 
     def token_states(self, con: duckdb.DuckDBPyConnection) -> None:
         """Every states blob holds n_tokens x dim values of its precision, dim being its model's."""

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from .errors import EwError, QueryError, StorageError
 from .query import connect, sql_error_message
 from .selection import INTERNAL_MEMORY_LIMIT, DocumentFilter, create_labelled
-from .tables import DOCUMENTS, EMBEDDINGS
+from .tables import DOCUMENTS, EMBEDDINGS, VECTOR_PRECISIONS, float32_vectors
 from .versions import Snapshot
 
 if TYPE_CHECKING:
@@ -117,17 +117,20 @@ def _matrix(blobs: pa.Array, dim: int) -> np.ndarray:
 
 
 def _vector_batches(vectors: pads.Dataset, *, model: str, layer: int, pooling: str) -> Iterator[pa.RecordBatch]:
-    """(doc_hash, embedding) batches of one model/layer/pooling, read one Parquet row group at a time.
+    """(doc_hash, embedding list<float32>) batches of one model/layer/pooling, read one Parquet row
+    group at a time; fp16 vectors come decoded to float32.
 
     pyarrow's dataset scanner reads ahead of a slow consumer without bound (600 MB for 490k
     vectors copied into DuckDB), whatever its read-ahead settings; this holds one row group.
     """
     for fragment in vectors.get_fragments(filter=(pc.field("model") == model) & (pc.field("layer") == layer)):
         with pq.ParquetFile(fragment.filesystem.open_input_file(fragment.path)) as file:
+            # Files written before embedding_fp16 existed lack the column.
+            stored = [name for name in VECTOR_PRECISIONS.values() if name in file.schema_arrow.names]
             for group in range(file.num_row_groups):
-                rows = file.read_row_group(group, columns=["doc_hash", "embedding", "pooling"])
-                rows = rows.filter(pc.equal(rows.column("pooling"), pooling)).select(["doc_hash", "embedding"])
-                yield from rows.to_batches(max_chunksize=FETCH_ROWS)
+                rows = file.read_row_group(group, columns=["doc_hash", *stored, "pooling"])
+                rows = float32_vectors(rows.filter(pc.equal(rows.column("pooling"), pooling)))
+                yield from rows.select(["doc_hash", "embedding"]).to_batches(max_chunksize=FETCH_ROWS)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 from deltalake import DeltaTable
 
@@ -50,8 +51,27 @@ EMBEDDINGS_SCHEMA = pa.schema(
         pa.field("pooling", pa.string()),
         # A variable-size list so that models of different widths share the table.
         pa.field("embedding", pa.list_(pa.float32())),
+        # The vectors of models ingested with --vector-precision fp16; see VECTOR_PRECISIONS.
+        pa.field("embedding_fp16", pa.binary()),
     ]
 )
+#: Stored vector precision -> the column holding its vectors; every row fills exactly one of them,
+#: and a model key (which includes the precision) never has rows in the other.
+#:
+#: fp16 vectors are the little-endian half floats of one vector in a plain binary column, as
+#: ``token_states.states`` stores its matrices: Delta Lake has no float16 type (deltalake 1.6
+#: refuses ``list<halffloat>`` and ``fixed_size_list<halffloat>``: "Invalid data type for Delta
+#: Lake: Float16"), and the alternative it takes, ``list<int16>`` of the bit patterns, measured
+#: 991 bytes a row against 710 for the blob and 1,421 for ``list<float32>`` (20,000 384-wide
+#: vectors with their doc_hash, ZSTD): the blob is the one that halves the bytes. Readers:
+#:
+#:   NumPy/pyarrow: np.frombuffer(row["embedding_fp16"], "<f2").astype(np.float32)
+#:   Polars:        pl.col("embedding_fp16").bin.reinterpret(dtype=pl.Array(pl.Float16, dim)).cast(pl.Array(pl.Float32, dim))
+#:   DuckDB:        has no float16 type and no function that reads numbers out of a BLOB; `ew query`'s
+#:                  ``embeddings`` view decodes ``embedding`` for these rows (:func:`warehouse.query.register_embeddings`)
+#:
+#: (:func:`float32_vectors` does it for ew's own readers.)
+VECTOR_PRECISIONS: dict[str, str] = {"fp32": "embedding", "fp16": "embedding_fp16"}
 
 #: Layer-K hidden states of every real token (no padding), one row per (doc_hash, model, layer,
 #: precision). ``states`` holds the row-major (n_tokens, dim) matrix as little-endian values of
@@ -93,6 +113,7 @@ MODELS_SCHEMA = pa.schema(
         pa.field("max_abs_diff", pa.float64()),
         pa.field("artifact", pa.string()),
         pa.field("created_at", TIMESTAMP),
+        pa.field("vector_precision", pa.string()),
     ]
 )
 
@@ -156,6 +177,57 @@ def vector_column(matrix: np.ndarray) -> pa.ListArray:
     return pa.ListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(matrix, dtype=np.float32).reshape(-1)))
 
 
+def vector_columns(matrix: np.ndarray, precision: str = "fp32") -> dict[str, pa.Array]:
+    """(n, dim) float32 -> both vector columns of ``embeddings``: the one of ``precision`` filled, the other null."""
+    rows, dim = matrix.shape
+    columns = {"embedding": pa.nulls(rows, EMBEDDINGS_SCHEMA.field("embedding").type),
+               "embedding_fp16": pa.nulls(rows, pa.binary())}
+    if precision == "fp16":
+        offsets = np.arange(rows + 1, dtype=np.int64) * (dim * 2)  # one blob of dim half floats a row
+        if offsets[-1] >= 2**31:
+            raise ValueError(f"{offsets[-1]} bytes of vectors in one column: write fewer rows at a time")
+        values = np.ascontiguousarray(matrix, dtype=STATE_DTYPES["fp16"])
+        columns["embedding_fp16"] = pa.Array.from_buffers(
+            pa.binary(), rows, [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(values)])
+    else:
+        columns["embedding"] = vector_column(matrix)
+    return columns
+
+
+def fp16_vectors(blobs: pa.Array | pa.ChunkedArray) -> pa.ListArray:
+    """``embedding_fp16`` blobs -> ``list<float32>`` vectors (null where a blob is null), without a copy per row."""
+    if isinstance(blobs, pa.ChunkedArray):
+        blobs = blobs.combine_chunks()
+    blobs = blobs.cast(pa.binary())
+    if len(blobs) == 0:
+        return pa.array([], pa.list_(pa.float32()))
+    _, offsets_buffer, data = blobs.buffers()
+    offsets = np.frombuffer(offsets_buffer, np.int32)[blobs.offset : blobs.offset + len(blobs) + 1]
+    start, end = int(offsets[0]), int(offsets[-1])
+    values = (np.frombuffer(data, np.uint8)[start:end] if data is not None else np.empty(0, np.uint8)).view("<f2")
+    return pa.ListArray.from_arrays(pa.array((offsets - start) // 2, pa.int32()), pa.array(values.astype(np.float32)),
+                                    mask=blobs.is_null() if blobs.null_count else None)
+
+
+def float32_vectors(rows: pa.Table | pa.RecordBatch) -> pa.Table | pa.RecordBatch:
+    """``rows`` of ``embeddings`` with every vector as float32 in ``embedding`` (fp16 ones decoded) and
+    no ``embedding_fp16`` column: what ew's readers compute on."""
+    if "embedding_fp16" not in rows.schema.names:
+        return rows
+    index = rows.schema.get_field_index("embedding_fp16")
+    stored = rows.column(index)
+    rows = rows.drop_columns(["embedding_fp16"])
+    if stored.null_count == len(stored):
+        return rows
+    decoded = fp16_vectors(stored)
+    if "embedding" in rows.schema.names:
+        at = rows.schema.get_field_index("embedding")
+        column = rows.column(at)
+        column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+        return rows.set_column(at, "embedding", pc.coalesce(column.cast(decoded.type), decoded))
+    return rows.append_column("embedding", decoded)
+
+
 def states_column(states: Sequence[np.ndarray], precision: str) -> pa.BinaryArray:
     """(n_i, dim) matrices -> the ``states`` column: each one's values as little-endian ``precision``.
 
@@ -181,9 +253,12 @@ def delta_dataset(table: DeltaTable, storage: "LocalStorage", name: str) -> pads
 
     The files come from the Delta log; they are read with the storage's own pyarrow filesystem
     (deltalake's dataset wraps a Python filesystem whose scanner threads can outlive the
-    interpreter and abort it at exit). Columns a file lacks (added by later writes) read as null.
+    interpreter and abort it at exit). Columns a file lacks (added by later writes) read as null,
+    and so do ew's columns that the table predates (``embedding_fp16`` of a warehouse written
+    before it existed), so readers see one schema whatever version wrote the table.
     """
     schema = pa.schema(table.schema().to_arrow())
+    schema = pa.schema(list(schema) + [field for field in SCHEMAS.get(name, ()) if field.name not in schema.names])
     files = [storage.fs_path(uri) for uri in table.file_uris()]
     if not files:
         return pads.dataset(schema.empty_table())

@@ -106,9 +106,11 @@ class Writer:
         self.rows_added += data.num_rows
 
     def append_embeddings(self, rows: pa.Table) -> int:
-        """Append embedding rows (caller guarantees none is stored yet, under this lock)."""
+        """Append embedding rows (caller guarantees none is stored yet, under this lock); a vector
+        column the rows lack (``embedding_fp16`` of fp32 rows) is written null."""
         if rows.num_rows:
-            self._write(EMBEDDINGS, rows.cast(SCHEMAS[EMBEDDINGS]))
+            schema = SCHEMAS[EMBEDDINGS]
+            self._write(EMBEDDINGS, pa.Table.from_batches([conform(b, schema) for b in rows.to_batches()], schema))
         return rows.num_rows
 
     def append_token_states(self, rows: pa.Table) -> int:
