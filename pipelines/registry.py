@@ -18,9 +18,10 @@ from warehouse.keys import slug
 from warehouse.store import now_utc
 from warehouse.tables import MODELS
 
-from .artifacts import CARD_FILE, ModelCard, StatesCard, StatesGraph, states_file
+from .artifacts import CARD_FILE, LayerAgreement, ModelCard, StatesCard, StatesGraph, states_file
 from .errors import ModelNotFoundError, UnknownModelKeyError
 from .models import ALIASES, ModelSource, resolve_model
+from .precision import PRECISION_GUARD, check_guard_value
 
 
 @dataclass(frozen=True)
@@ -40,9 +41,10 @@ def _current_row(warehouse: Warehouse, key: str) -> ModelRow | None:
     return ModelRow.from_dict(matches[0]) if matches else None
 
 
-def _registered(warehouse: Warehouse, row: ModelRow, pooling: str | None, max_length: int | None) -> PreparedModel:
+def _registered(warehouse: Warehouse, row: ModelRow, pooling: str | None, max_length: int | None,
+                precision: str | None = None) -> PreparedModel:
     """A registered model used as it is; asking it for other settings is an error, not a silent change."""
-    for option, wanted in (("pooling", pooling), ("max_length", max_length)):
+    for option, wanted in (("pooling", pooling), ("max_length", max_length), ("precision", precision)):
         if wanted is not None and wanted != getattr(row, option):
             raise EwError(
                 f"model {row.model} was exported with {option} {getattr(row, option)}, not {wanted}; "
@@ -58,18 +60,23 @@ def prepare_model(
     *,
     pooling: str | None = None,
     max_length: int | None = None,
+    precision: str | None = None,
+    precision_guard: float = PRECISION_GUARD,
 ) -> PreparedModel:
     """Make sure the model ``name`` is exported and registered in the warehouse (under the write lock).
 
     ``name`` is an alias, a Hugging Face id, a local directory, or the key of a registered model.
-    ``pooling`` defaults to mean for a new model, and to the registered model's own.
+    ``pooling`` defaults to mean for a new model, and to the registered model's own; so does
+    ``precision`` (fp32, bf16 or int8). ``precision_guard`` is the min cosine to fp32 a new
+    int8/bf16 export must keep on every layer (see :mod:`pipelines.precision`).
     """
     warehouse = writer.warehouse
+    check_guard_value(precision_guard)
     row = _current_row(warehouse, name)
     if row is not None and (warehouse.root / row.artifact).is_dir():
-        return _registered(warehouse, row, pooling, max_length)
+        return _registered(warehouse, row, pooling, max_length, precision)
     try:
-        source = resolve_model(name, pooling=pooling or "mean", max_length=max_length)
+        source = resolve_model(name, pooling=pooling or "mean", max_length=max_length, precision=precision or "fp32")
     except ModelNotFoundError as not_found:
         # The weights are not installed here, but the warehouse may hold the model exported already.
         try:
@@ -78,7 +85,7 @@ def prepare_model(
             raise not_found from None
         if not (warehouse.root / row.artifact).is_dir():
             raise not_found from None
-        return _registered(warehouse, row, None, max_length)
+        return _registered(warehouse, row, None, max_length, precision)
     artifact = warehouse.model_dir(source.key)
     row = _current_row(warehouse, source.key)
     if row is not None and artifact.is_dir():
@@ -89,11 +96,14 @@ def prepare_model(
     if artifact.exists() and not (artifact / CARD_FILE).is_file():
         shutil.rmtree(artifact)  # a leftover of an interrupted export
     artifact.parent.mkdir(parents=True, exist_ok=True)
-    export_model(source, artifact)
+    export_model(source, artifact, precision_guard=precision_guard)
     card = ModelCard.load(artifact)
     if row is None:
         writer.register_model(card.row(artifact=str(artifact.relative_to(warehouse.root)), created_at=now_utc()))
-        writer.commit("register-model", {"model": card.key, "source": card.source, "max_abs_diff": card.max_abs_diff})
+        detail = {"model": card.key, "source": card.source, "max_abs_diff": card.max_abs_diff}
+        if card.worst_agreement is not None:
+            detail.update(precision=card.precision, min_cosine=card.worst_agreement.min_cosine)
+        writer.commit("register-model", detail)
     return PreparedModel(card=card, artifact=artifact, exported=True)
 
 
@@ -106,6 +116,10 @@ def prepare_states(prepared: PreparedModel, *, layer: int, name: str) -> StatesG
     card = prepared.card
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= card.num_layers:
         raise EwError(f"--token-states: layer {layer!r} does not exist; this model has layers 0..{card.num_layers}")
+    if card.precision != "fp32":
+        # The states graph is exported in fp32: its pooled vectors would not match this model's.
+        raise EwError(f"--token-states needs an fp32 model, and {card.key} is {card.precision}; "
+                      "ingest with --precision fp32 to cache token states")
     states = StatesCard.load(prepared.artifact)
     if states is not None and layer in states.graphs and (prepared.artifact / states_file(layer)).is_file():
         return states.graphs[layer]
@@ -146,6 +160,35 @@ def open_model(warehouse: Warehouse, key: str) -> PreparedModel:
     """The artifact of a registered model key, its card read and checked."""
     artifact = warehouse.root / model_row(warehouse, key).artifact
     return PreparedModel(card=ModelCard.load(artifact), artifact=artifact, exported=False)
+
+
+@dataclass(frozen=True)
+class ModelListing:
+    """A registered model and its card (None where the artifact cannot be read: `ew verify` reports that)."""
+
+    row: ModelRow
+    card: ModelCard | None
+
+    @property
+    def worst(self) -> LayerAgreement | None:
+        """int8/bf16: the layer furthest from fp32, as measured at export."""
+        return self.card.worst_agreement if self.card is not None else None
+
+    def to_dict(self) -> dict:
+        card = self.card.to_dict() if self.card is not None else {}
+        return {**self.row.to_dict(), "agreement": card.get("agreement", []), "precision_guard": card.get("precision_guard")}
+
+
+def list_models(warehouse: Warehouse, *, version: int | None = None) -> list[ModelListing]:
+    """The registered models (``ew models``), each with its card, which holds the measured agreement."""
+    listings = []
+    for row in warehouse.models(version=version):
+        try:
+            card = ModelCard.load(warehouse.root / row.artifact)
+        except EwError:
+            card = None
+        listings.append(ModelListing(row=row, card=card))
+    return listings
 
 
 def find_model(warehouse: Warehouse, name: str | None, *, pooling: str | None = None) -> ModelRow:
