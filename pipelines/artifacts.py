@@ -37,6 +37,15 @@ _POSITIVE = ("max_length", "dim", "num_layers")
 
 
 @dataclass(frozen=True)
+class LayerAgreement:
+    """How close one layer's pooled vectors of a reduced-precision graph are to fp32's, on the export's sample texts."""
+
+    layer: int
+    min_cosine: float
+    mean_cosine: float
+
+
+@dataclass(frozen=True)
 class ModelCard:
     key: str                         # model_key(name, fingerprint): the `model` column of embeddings
     pooling: str                     # "mean" | "cls"
@@ -60,6 +69,14 @@ class ModelCard:
     created_at: str = ""
     onnx_sha256: str = ""            # of model.onnx, tokenizer.json; set at export ("" in cards older than them)
     tokenizer_sha256: str = ""
+    # int8/bf16 only: each layer's cosine to the fp32 graph, and the guard (min cosine) it passed at export.
+    agreement: tuple[LayerAgreement, ...] = ()
+    precision_guard: float | None = None
+
+    @property
+    def worst_agreement(self) -> LayerAgreement | None:
+        """The layer furthest from fp32 (None for an fp32 model)."""
+        return min(self.agreement, key=lambda a: a.min_cosine) if self.agreement else None
 
     @classmethod
     def load(cls, directory: Path) -> "ModelCard":
@@ -86,11 +103,16 @@ class ModelCard:
         values = {name: value for name, value in data.items() if name in known}
         values["input_names"] = tuple(values["input_names"])
         values["pad_token_id"] = int(values.get("pad_token_id") or 0)
+        try:
+            values["agreement"] = tuple(LayerAgreement(**layer) for layer in values.get("agreement") or ())
+        except TypeError:
+            raise ArtifactError(where, f"{CARD_FILE} has an invalid agreement") from None
         return cls(**values)
 
     def to_dict(self) -> dict:
         data = asdict(self)
         data["input_names"] = list(self.input_names)
+        data["agreement"] = [asdict(layer) for layer in self.agreement]
         return data
 
     def save(self, directory: Path) -> Path:

@@ -13,6 +13,8 @@ from warehouse.output import written_in_place
 from warehouse.query import memory_cap
 
 from .cli_options import ROW_FORMATS, chosen_format, format_options, size_text, warehouse_of, warehouse_path
+from .models import PRECISIONS
+from .precision import PRECISION_GUARD
 
 
 @click.command()
@@ -24,6 +26,8 @@ from .cli_options import ROW_FORMATS, chosen_format, format_options, size_text, 
 @click.option("--layers", default="all", show_default=True, help="Layers to store: all, last, or a list like 0,3,6.")
 @click.option("--pooling", type=click.Choice(["mean", "cls"]), help="Pooling of a newly exported model (default: mean; a registered model keeps its own).")
 @click.option("--max-length", type=click.IntRange(min=1), help="Token limit; longer texts are truncated and counted. Default: the model's.")
+@click.option("--precision", type=click.Choice(PRECISIONS), help="Arithmetic of a newly exported model: int8 is faster on CPUs with VNNI, bf16 needs CPU and onnxruntime support (default: fp32; a registered model keeps its own).")
+@click.option("--precision-guard", type=click.FloatRange(min=0, max=1, min_open=True), default=PRECISION_GUARD, show_default=True, help="With --precision int8/bf16: refuse the export if any layer's vectors fall below this min cosine to fp32's on sample texts.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--chunk-size", type=click.IntRange(min=1), default=4096, show_default=True, help="Records per commit.")
 @click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True, help="On a bad line: stop, or skip it and write it to a rejects file.")
@@ -141,15 +145,21 @@ def models(ctx: click.Context, available: bool, version: int | None, fmt: str | 
             state = f"installed at {alias['path']}" if alias["installed"] else "not installed"
             click.echo(f"{alias['alias']:<10} {alias['hf_id']:<42} {state}")
         return
-    rows = warehouse_of(ctx).models(version=version)
+    from .registry import list_models
+
+    listings = list_models(warehouse_of(ctx), version=version)
     if fmt != "table":
-        write_records([row.to_dict() for row in rows], fmt=fmt, stdout=sys.stdout)
+        write_records([listing.to_dict() for listing in listings], fmt=fmt, stdout=sys.stdout)
         return
-    for row in rows:
+    for listing in listings:
+        row, worst = listing.row, listing.worst
+        agreement = "" if worst is None else (
+            f" (cosine to fp32, worst layer {worst.layer}: min {worst.min_cosine:.4f}, mean {worst.mean_cosine:.4f})"
+        )
         click.echo(
-                f"{row.model:<32} dim {row.dim:<5} layers 0..{row.num_layers:<3} {row.pooling:<5} "
-                f"max_length {row.max_length:<5} {row.precision}, {row.vector_precision} vectors  from {row.source}"
-            )
+            f"{row.model:<32} dim {row.dim:<5} layers 0..{row.num_layers:<3} {row.pooling:<5} "
+            f"max_length {row.max_length:<5} {row.precision}{agreement}, {row.vector_precision} vectors  from {row.source}"
+        )
 
 @click.command()
 @click.argument("text")

@@ -30,12 +30,17 @@ from pipelines.artifacts import CARD_FILE, MODEL_FILE, OUTPUT_NAME, TOKENIZER_FI
 from pipelines.encoder import Encoder, usable_cores
 from pipelines.errors import ExportError
 from pipelines.models import EXPORT_FORMAT, ModelSource
+from pipelines.precision import (
+    PRECISION_GUARD, agreement, agreement_texts, check_available, check_guard, check_guard_value, reduce_precision,
+)
 from pipelines.tracing import (
     FUSED_FILE, RAW_FILE, SAMPLE_TEXTS, keep_first_within_tolerance, load_torch_model, pooled_layers,
     traced_candidates, train_modules,
 )
 from warehouse.errors import EwError, first_line
 from warehouse.keys import file_digest
+
+FP32_FILE = "fp32.onnx"  # the verified fp32 graph while a reduced precision is made from it
 
 
 
@@ -50,8 +55,13 @@ class ExportReport:
     reused: bool = False  # the artifact already existed and was not rebuilt
 
 
-def export_model(source: ModelSource, dest: Path, *, tolerance: float = 1e-4) -> ExportReport:
+def export_model(
+    source: ModelSource, dest: Path, *, tolerance: float = 1e-4, precision_guard: float = PRECISION_GUARD
+) -> ExportReport:
     """Write the artifact directory ``dest`` (model.onnx, tokenizer.json, model.json) for ``source``.
+
+    An int8 or bf16 ``source`` is first exported and verified in fp32, then reduced; it is kept
+    only if every layer's vectors keep a min cosine of ``precision_guard`` to fp32's on sample texts.
 
     The directory appears complete or not at all: it is built next to ``dest`` and renamed into
     place. If ``dest`` already holds this model, it is reused as is.
@@ -63,6 +73,8 @@ def export_model(source: ModelSource, dest: Path, *, tolerance: float = 1e-4) ->
         raise ExportError(f"{dest} exists but holds no {CARD_FILE}: remove it or choose another destination")
     if not tolerance >= 0:
         raise ExportError(f"tolerance must be a number >= 0, got {tolerance!r}")
+    precision_guard = check_guard_value(precision_guard)
+    check_available(source.precision, model=source.name)
     torch, transformers = train_modules()
 
     started = time.perf_counter()
@@ -72,7 +84,8 @@ def export_model(source: ModelSource, dest: Path, *, tolerance: float = 1e-4) ->
     except OSError as error:
         raise ExportError(f"cannot write next to {dest}: {error}") from error
     try:
-        card = _build(source, build, tolerance=tolerance, torch=torch, transformers=transformers, started=started)
+        card = _build(source, build, tolerance=tolerance, precision_guard=precision_guard, torch=torch,
+                      transformers=transformers, started=started)
         if dest.is_dir():
             dest.rmdir()  # an empty directory, checked above
         os.rename(build, dest)
@@ -87,7 +100,8 @@ def export_model(source: ModelSource, dest: Path, *, tolerance: float = 1e-4) ->
     return _report(card, dest, reused=False)
 
 
-def _build(source: ModelSource, build: Path, *, tolerance: float, torch, transformers, started: float) -> ModelCard:
+def _build(source: ModelSource, build: Path, *, tolerance: float, precision_guard: float, torch, transformers,
+           started: float) -> ModelCard:
     try:
         tokenizer, model, input_names, model_inputs = load_torch_model(source, torch, transformers)
         _save_backend_tokenizer(tokenizer, build / TOKENIZER_FILE)
@@ -125,6 +139,8 @@ def _build(source: ModelSource, build: Path, *, tolerance: float, torch, transfo
     kept, max_abs_diff = keep_first_within_tolerance(candidates, encode_samples, tolerance, source)
     for leftover in (RAW_FILE, FUSED_FILE):
         (build / leftover).unlink(missing_ok=True)
+    if source.precision != "fp32":
+        card = _reduce(source, build, card, guard=precision_guard)
     card = dataclasses.replace(
         card,
         max_abs_diff=max_abs_diff,
@@ -137,6 +153,27 @@ def _build(source: ModelSource, build: Path, *, tolerance: float, torch, transfo
     )
     card.save(build)
     return card
+
+
+def _reduce(source: ModelSource, build: Path, card: ModelCard, *, guard: float) -> ModelCard:
+    """Replace the verified fp32 graph in ``build`` by its ``source.precision`` version, measured layer by layer
+    against it on :func:`agreement_texts` and refused below ``guard``."""
+    texts = list(agreement_texts())
+    reference = Encoder.load(build, threads=usable_cores()).encode(texts).vectors  # (N, L+1, D), the real batching
+    fp32_graph = build / FP32_FILE
+    os.replace(build / MODEL_FILE, fp32_graph)
+    try:
+        reduce_precision(fp32_graph, build / MODEL_FILE, source.precision)
+        reduced = Encoder.load(build, threads=usable_cores()).encode(texts).vectors
+    except Exception as error:  # onnx/onnxruntime failures, an unloadable graph: an export failure
+        raise ExportError(
+            f"reducing {source.name} to {source.precision} failed: {first_line(error)}; use --precision fp32"
+        ) from error
+    finally:
+        fp32_graph.unlink(missing_ok=True)
+    measured = agreement(reduced, reference)
+    check_guard(measured, guard, model=source.name, precision=source.precision, texts=len(texts))
+    return dataclasses.replace(card, agreement=measured, precision_guard=guard)
 
 
 def _save_backend_tokenizer(tokenizer, path: Path) -> None:

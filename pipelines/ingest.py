@@ -32,6 +32,7 @@ from warehouse.tables import DOCUMENTS, TIMESTAMP
 
 from .corpus import FieldTypes, Record, check_corpus_name, corpus_name, count_lines, read_corpus
 from .embedding import EmbeddingService, TokenStates
+from .precision import PRECISION_GUARD
 from .progress import Progress
 from .registry import prepare_model, prepare_states
 from .rejects import Rejects, check_on_error
@@ -155,6 +156,8 @@ def ingest(
     layers: str | Sequence[int] | None = None,
     pooling: str | None = None,
     max_length: int | None = None,
+    precision: str | None = None,
+    precision_guard: float = PRECISION_GUARD,
     batch_size: int = 32,
     chunk_size: int = DEFAULT_CHUNK,
     on_error: str = "fail",
@@ -170,6 +173,7 @@ def ingest(
 
     (Long only by its options and the summary it returns: the work is in _CorpusRun.)
 
+    ``precision`` ("fp32", "bf16", "int8") and ``precision_guard``: see :func:`pipelines.registry.prepare_model`.
     ``token_states`` (a layer, 0 = embedding output) also caches that layer's token states,
     stored as ``state_precision`` ("fp16" or "fp32").
 
@@ -194,6 +198,7 @@ def ingest(
 
     with warehouse.discarded_if_failed(), rejects, warehouse.writer() as writer:
         prepared = prepare_model(writer, model, pooling=pooling, max_length=max_length, progress=progress,
+                                 precision=precision, precision_guard=precision_guard,
                                  vector_precision=vector_precision)
         wanted_layers = parse_layers(layers, prepared.card.num_layers)
         states = None

@@ -26,7 +26,9 @@ from warehouse.tables import VECTOR_PRECISIONS
 EXPORT_FORMAT = 1
 
 POOLINGS = ("mean", "cls")
-PRECISIONS = ("fp32",)
+PRECISIONS = ("fp32", "bf16", "int8")
+# Bump one when its recipe changes (the nodes int8 keeps in fp32, how bf16 is cast): its keys change with it.
+PRECISION_RECIPES = {"bf16": 1, "int8": 1}
 # Files whose bytes decide what the tokenizer produces; hashed when present.
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 # Tokenizers store "no limit" as a huge sentinel (int(1e30)); anything above this is not a real limit.
@@ -66,7 +68,7 @@ class ModelSource:
     source: str  # where it came from, for humans
     pooling: str  # "mean" | "cls"
     max_length: int
-    precision: str  # "fp32"
+    precision: str  # "fp32" | "bf16" | "int8": the arithmetic of the exported graph
     fingerprint: str  # full hex SHA-256 over everything that changes the vectors
     key: str  # model_key(name, fingerprint)
     dim: int  # hidden size
@@ -112,7 +114,7 @@ def resolve_model(
             "tokenizer": {f: file_digest(path / f) for f in TOKENIZER_FILES if (path / f).is_file()},
             "pooling": pooling,
             "max_length": max_length,
-            "precision": precision,
+            **precision_parts(precision),
             **stored_precision_parts(vector_precision=vector_precision),
         }
     )
@@ -129,6 +131,17 @@ def resolve_model(
         num_layers=num_layers,
         vector_precision=vector_precision,
     )
+
+
+def precision_parts(precision: str) -> dict[str, object]:
+    """What of the graph's precision goes into the fingerprint, so vectors of two precisions never share a key.
+
+    fp32 gives exactly the part every key held before other precisions existed: fp32 keys, and
+    the vectors stored under them, stay as they were.
+    """
+    if precision == "fp32":
+        return {"precision": "fp32"}
+    return {"precision": precision, "precision_recipe": PRECISION_RECIPES[precision]}
 
 
 def stored_precision_parts(*, vector_precision: str) -> dict[str, str]:

@@ -22,10 +22,11 @@ from warehouse.keys import slug
 from warehouse.store import now_utc
 from warehouse.tables import MODELS, VECTOR_PRECISIONS
 
-from .artifacts import CARD_FILE, ModelCard, StatesCard, StatesGraph, states_file
+from .artifacts import CARD_FILE, LayerAgreement, ModelCard, StatesCard, StatesGraph, states_file
 from .errors import ModelNotFoundError, UnknownModelKeyError
 from .models import ALIASES, ModelSource, resolve_model
 from .progress import announce
+from .precision import PRECISION_GUARD, check_guard_value
 
 
 @dataclass(frozen=True)
@@ -46,9 +47,10 @@ def _current_row(warehouse: Warehouse, key: str) -> ModelRow | None:
 
 
 def _registered(warehouse: Warehouse, row: ModelRow, pooling: str | None, max_length: int | None,
-                vector_precision: str | None = None) -> PreparedModel:
+                precision: str | None = None, vector_precision: str | None = None) -> PreparedModel:
     """A registered model used as it is; asking it for other settings is an error, not a silent change."""
-    for option, wanted in (("pooling", pooling), ("max_length", max_length), ("vector_precision", vector_precision)):
+    for option, wanted in (("pooling", pooling), ("max_length", max_length), ("precision", precision),
+                           ("vector_precision", vector_precision)):
         if wanted is not None and wanted != getattr(row, option):
             raise EwError(
                 f"model {row.model} was exported with {option} {getattr(row, option)}, not {wanted}; "
@@ -65,21 +67,26 @@ def prepare_model(
     pooling: str | None = None,
     max_length: int | None = None,
     progress: bool | None = None,
+    precision: str | None = None,
+    precision_guard: float = PRECISION_GUARD,
     vector_precision: str | None = None,
 ) -> PreparedModel:
     """Make sure the model ``name`` is exported and registered in the warehouse (under the write lock).
 
     ``name`` is an alias, a Hugging Face id, a local directory, or the key of a registered model.
     ``pooling`` defaults to mean for a new model, and to the registered model's own; so does
-    ``vector_precision`` (fp32; fp16 is another model key). The one-time export says what it
-    does on stderr unless ``progress`` is False.
+    ``precision`` (fp32, bf16 or int8) and ``vector_precision`` (fp32; fp16 is another model key).
+    ``precision_guard`` is the min cosine to fp32 a new int8/bf16 export must keep on every
+    layer (see :mod:`pipelines.precision`). The one-time export says what it does on stderr
+    unless ``progress`` is False.
     """
     warehouse = writer.warehouse
+    check_guard_value(precision_guard)
     row = _current_row(warehouse, name)
     if row is not None and (warehouse.root / row.artifact).is_dir():
-        return _registered(warehouse, row, pooling, max_length, vector_precision)
+        return _registered(warehouse, row, pooling, max_length, precision, vector_precision)
     try:
-        source = resolve_model(name, pooling=pooling or "mean", max_length=max_length,
+        source = resolve_model(name, pooling=pooling or "mean", max_length=max_length, precision=precision or "fp32",
                                vector_precision=vector_precision or "fp32")
     except ModelNotFoundError as not_found:
         # The weights are not installed here, but the warehouse may hold the model exported already.
@@ -89,7 +96,7 @@ def prepare_model(
             raise not_found from None
         if not (warehouse.root / row.artifact).is_dir():
             raise not_found from None
-        return _registered(warehouse, row, None, max_length, vector_precision)
+        return _registered(warehouse, row, None, max_length, precision, vector_precision)
     artifact = warehouse.model_dir(source.key)
     row = _current_row(warehouse, source.key)
     if row is not None and artifact.is_dir():
@@ -105,13 +112,16 @@ def prepare_model(
 
         announce(f"exporting {source.name} ({source.num_layers} layers, dim {source.dim}) to ONNX once for this "
                  "warehouse, checked against torch; later runs reuse it", enabled=progress)
-        export_model(source, artifact)
+        export_model(source, artifact, precision_guard=precision_guard)
     card = ModelCard.load(artifact)
     if exported:
         announce(f"exported {card.key} in {time.perf_counter() - started:.1f}s", enabled=progress)
     if row is None:
         writer.register_model(card.row(artifact=str(artifact.relative_to(warehouse.root)), created_at=now_utc()))
-        writer.commit("register-model", {"model": card.key, "source": card.source, "max_abs_diff": card.max_abs_diff})
+        detail = {"model": card.key, "source": card.source, "max_abs_diff": card.max_abs_diff}
+        if card.worst_agreement is not None:
+            detail.update(precision=card.precision, min_cosine=card.worst_agreement.min_cosine)
+        writer.commit("register-model", detail)
     return PreparedModel(card=card, artifact=artifact, exported=exported)
 
 
@@ -157,6 +167,10 @@ def prepare_states(prepared: PreparedModel, *, layer: int, name: str, progress: 
     card = prepared.card
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= card.num_layers:
         raise EwError(f"--token-states: layer {layer!r} does not exist; this model has layers 0..{card.num_layers}")
+    if card.precision != "fp32":
+        # The states graph is exported in fp32: its pooled vectors would not match this model's.
+        raise EwError(f"--token-states needs an fp32 model, and {card.key} is {card.precision}; "
+                      "ingest with --precision fp32 to cache token states")
     states = StatesCard.load(prepared.artifact)
     if states is not None and layer in states.graphs and (prepared.artifact / states_file(layer)).is_file():
         return states.graphs[layer]
@@ -199,6 +213,35 @@ def open_model(warehouse: Warehouse, key: str) -> PreparedModel:
     """The artifact of a registered model key, its card read and checked."""
     artifact = warehouse.root / model_row(warehouse, key).artifact
     return PreparedModel(card=ModelCard.load(artifact), artifact=artifact, exported=False)
+
+
+@dataclass(frozen=True)
+class ModelListing:
+    """A registered model and its card (None where the artifact cannot be read: `ew verify` reports that)."""
+
+    row: ModelRow
+    card: ModelCard | None
+
+    @property
+    def worst(self) -> LayerAgreement | None:
+        """int8/bf16: the layer furthest from fp32, as measured at export."""
+        return self.card.worst_agreement if self.card is not None else None
+
+    def to_dict(self) -> dict:
+        card = self.card.to_dict() if self.card is not None else {}
+        return {**self.row.to_dict(), "agreement": card.get("agreement", []), "precision_guard": card.get("precision_guard")}
+
+
+def list_models(warehouse: Warehouse, *, version: int | None = None) -> list[ModelListing]:
+    """The registered models (``ew models``), each with its card, which holds the measured agreement."""
+    listings = []
+    for row in warehouse.models(version=version):
+        try:
+            card = ModelCard.load(warehouse.root / row.artifact)
+        except EwError:
+            card = None
+        listings.append(ModelListing(row=row, card=card))
+    return listings
 
 
 def find_model(warehouse: Warehouse, name: str | None, *, pooling: str | None = None) -> ModelRow:
