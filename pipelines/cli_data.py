@@ -31,6 +31,8 @@ from .cli_options import size_text, warehouse_of
 @click.option("--threads", type=click.IntRange(min=1), help="Inference threads (default: all usable cores).")
 @click.option("--token-states", type=click.IntRange(min=0), metavar="K", help="Also cache layer K's hidden states of every token (0 = embedding output), once per document, in `token_states`.")
 @click.option("--state-precision", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True, help="How --token-states are stored.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True, help="Where the encoder runs: in this process, or on a Ray cluster's actors (pip install 'ew[ray]'; --threads is then per actor, default 1).")
+@click.option("--ray-address", metavar="HOST:PORT", help="The Ray cluster of --engine ray (default: start one on this machine).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 @click.pass_context
 def ingest(ctx: click.Context, corpus_file: Path, as_json: bool, **options) -> None:
