@@ -17,6 +17,7 @@ Ray is an extra (``pip install 'ew[ray]'``); nothing here imports it before it i
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -235,3 +236,70 @@ def _receive(window: list[PlannedChunk], results: Iterable[dict], run: _CorpusRu
     if done < len(window):  # cannot happen unless Ray lost blocks without saying so
         raise EwError(f"the Ray cluster returned the vectors of {done} of {len(window)} chunks; run the same "
                       "command again to continue")
+
+
+@contextmanager
+def local_cluster(*, num_cpus: int, port: int | None = None, startup: float = 60.0) -> Iterator[str]:
+    """A Ray head on 127.0.0.1 with ``num_cpus`` CPUs (no dashboard), killed on exit; yields its address.
+
+    For tests and benchmarks: ``ray start --block`` runs in a session of its own, so every
+    process of the cluster (raylet, workers) is found by that session and killed by id.
+    """
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    require_ray()
+    if port is None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+    # Ray's unix sockets live under the temp dir: it must stay short (a socket path has at most 107 bytes).
+    temp = Path(tempfile.mkdtemp(prefix="ew-ray-", dir="/tmp"))
+    with open(temp / "ray-start.log", "w") as log:
+        head = subprocess.Popen(
+            [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
+             "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", "--include-dashboard=false",
+             f"--temp-dir={temp}", "--disable-usage-stats"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=temp,
+        )
+    try:
+        deadline = time.monotonic() + startup
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if head.poll() is not None or time.monotonic() > deadline:
+                    raise EwError(f"ray start failed: {(temp / 'ray-start.log').read_text()[-2000:]}") from None
+                time.sleep(0.2)
+        yield f"127.0.0.1:{port}"
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in _session_processes(head.pid):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            try:
+                head.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+            if not _session_processes(head.pid):
+                break
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _session_processes(session: int) -> list[int]:
+    """The ids of the processes in session ``session``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getsid(int(entry.name)) == session:
+                    found.append(int(entry.name))
+            except (ProcessLookupError, PermissionError):
+                pass
+    return found

@@ -1,20 +1,15 @@
 """`ew ingest --engine ray` (pipelines/ray_engine.py) on a real Ray cluster started on 127.0.0.1.
 
-The module's fixture runs `ray start --head` (2 CPUs, no dashboard) in its own session and
-kills that session at the end; every ingest connects with --ray-address. Without Ray
+The module's fixture starts a head with 2 CPUs on 127.0.0.1 (:func:`pipelines.ray_engine.local_cluster`)
+and kills it at the end; every ingest connects with --ray-address. Without Ray
 installed these tests are skipped, except the one checking the error that names the extra.
 """
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -49,63 +44,13 @@ KILLED_INGEST = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _session_processes(session: int) -> list[int]:
-    """The processes of the session the cluster was started in (Ray's workers included)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if os.getsid(int(entry.name)) == session:
-                    found.append(int(entry.name))
-            except (ProcessLookupError, PermissionError):
-                pass
-    return found
-
-
 @pytest.fixture(scope="module")
 def ray_address():
     pytest.importorskip("ray.data", reason="Ray Data is not installed: pip install 'ew[ray]'")
-    port = _free_port()
-    # Ray's unix sockets live under --temp-dir: it must stay short (a socket path has at most 107 bytes).
-    temp = tempfile.mkdtemp(prefix="ew-ray-", dir="/tmp")
-    log = open(Path(temp) / "ray-start.log", "w")
-    head = subprocess.Popen(
-        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
-         "--node-ip-address=127.0.0.1", "--num-cpus=2", "--include-dashboard=false", f"--temp-dir={temp}",
-         "--disable-usage-stats"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=temp,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if head.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"ray start failed: {(Path(temp) / 'ray-start.log').read_text()[-2000:]}")
-                time.sleep(0.2)
-        yield f"127.0.0.1:{port}"
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in _session_processes(head.pid):
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            try:
-                head.wait(timeout=10)
-                if not _session_processes(head.pid):
-                    break
-            except subprocess.TimeoutExpired:
-                pass
-        log.close()
+    from pipelines.ray_engine import local_cluster
+
+    with local_cluster(num_cpus=2) as address:
+        yield address
 
 
 @pytest.fixture(scope="module")
