@@ -144,7 +144,8 @@ def run_on_ray(run: _CorpusRun, chunks: Iterable[list[Record]], field_types: Fie
                 results = iter(())
                 if blocks:
                     dataset = ray.data.from_arrow(blocks).map_batches(
-                        EncodeActor, batch_size=None, batch_format="numpy", concurrency=actors, num_cpus=threads,
+                        EncodeActor, batch_size=None, batch_format="numpy", num_cpus=threads,
+                        compute=ray.data.ActorPoolStrategy(size=actors),
                         fn_constructor_kwargs={"files": files, "threads": threads, "batch_size": run.service.batch_size},
                     )
                     results = dataset.iter_batches(batch_size=None, batch_format="numpy")
