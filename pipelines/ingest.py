@@ -31,9 +31,10 @@ from warehouse.store import now_utc
 from warehouse.tables import DOCUMENTS, TIMESTAMP
 
 from .corpus import FieldTypes, Record, check_corpus_name, corpus_name, count_lines, read_corpus
-from .embedding import EmbeddingService, TokenStates
+from .embedding import Embedded, EmbeddingService, Needs, TokenStates
 from .precision import PRECISION_GUARD
 from .progress import Progress
+from .ray_engine import check_engine, run_on_ray
 from .registry import prepare_model, prepare_states
 from .rejects import Rejects, check_on_error
 
@@ -168,6 +169,8 @@ def ingest(
     state_precision: str = "fp16",
     vector_precision: str | None = None,
     vector_min_cosine: float | None = None,
+    engine: str = "local",
+    ray_address: str | None = None,
 ) -> IngestResult:
     """Ingest the JSONL corpus at ``path`` with ``model``; see the module docstring.
 
@@ -180,9 +183,13 @@ def ingest(
     ``vector_precision`` "fp16" stores a new model's pooled vectors as half floats (half the bytes;
     another model key than fp32's, default for a new model); refused when a sample's round trip
     falls below ``vector_min_cosine`` (default :data:`~pipelines.embedding.VECTOR_MIN_COSINE`).
+    ``engine="ray"`` encodes on the Ray cluster at ``ray_address`` (None: one started on this
+    machine) with ``threads`` per actor; see :mod:`pipelines.ray_engine`. Everything else,
+    the result included, is the same.
     """
     started = time.perf_counter()
     check_on_error(on_error)
+    check_engine(engine, token_states=token_states, ray_address=ray_address)
     if batch_size < 1 or chunk_size < 1:
         raise EwError("--batch-size and the chunk size must be at least 1")
     if token_states is not None:
@@ -213,8 +220,12 @@ def ingest(
             show.total = count_lines(path)
         field_types = FieldTypes(run.documents.schema)
         records = read_corpus(path, text_field=text_field, id_field=id_field, field_types=field_types)
+        chunks = _chunks(rejects.filter(records, show.advance), chunk_size)
         try:
-            run.all_chunks(_chunks(rejects.filter(records, show.advance), chunk_size), field_types, show)
+            if engine == "ray":
+                run_on_ray(run, chunks, field_types, show, address=ray_address, threads=threads)
+            else:
+                run.all_chunks(chunks, field_types, show)
         finally:
             show.close()
 
@@ -247,6 +258,16 @@ def ingest(
 def _default_rejects_file(warehouse: Warehouse, corpus: str) -> Path:
     stamp = now_utc().strftime("%Y%m%dT%H%M%SZ")
     return warehouse.root / "rejects" / f"{corpus}-{stamp}.jsonl"
+
+
+@dataclass(frozen=True)
+class PlannedChunk:
+    """One chunk of the corpus, planned: the texts it needs encoded and its records to store."""
+
+    needs: Needs
+    rows: list[tuple[Record, str, str]]  # (record, doc_hash, record_hash) to append to documents
+    size: int                            # records read (repeated ids and texts included)
+    lines: list[int]                     # its first and last line
 
 
 @dataclass(frozen=True)
@@ -288,11 +309,21 @@ class _CorpusRun:
                 pending = committer.submit(self.commit_chunk, work) if work is not None else None
             if pending is not None:
                 pending.result()
+        self.commit_updates(field_types)
+
+    def commit_updates(self, field_types: FieldTypes) -> None:
+        """Commit the changed records still gathered (after the last chunk)."""
         if self.updates:
-            work = self.work(pa.table({}), self.take_updates(), field_types, lines=[], embedded=0)
-            self.commit_chunk(work)
+            self.commit_chunk(self.work(pa.table({}), self.take_updates(), field_types, lines=[], embedded=0))
 
     def prepare_chunk(self, chunk: list[Record], field_types: FieldTypes, show: Progress) -> _ChunkWork | None:
+        planned = self.plan_chunk(chunk)
+        embedded = self.service.encode(planned.needs, on_progress=show.advance)
+        show.advance(len(chunk) - embedded.encoded)
+        return self.finish_chunk(planned, embedded, field_types)
+
+    def plan_chunk(self, chunk: list[Record]) -> PlannedChunk:
+        """What a chunk needs encoded and which of its records to store: everything but the encoding."""
         self.read += len(chunk)
         latest: dict[str, Record] = {}
         for record in chunk:
@@ -312,16 +343,19 @@ class _CorpusRun:
             else:
                 fresh[key] = record.text
         self.seen_texts.update(fresh)
-        embedded = self.service.embed(list(fresh), list(fresh.values()), on_progress=show.advance)
-        show.advance(len(chunk) - embedded.encoded)
-        self.embedded += embedded.embedded
-        self.reused += embedded.reused
+        needs = self.service.needs(list(fresh), list(fresh.values()))
+        self.embedded += needs.embedded
+        self.reused += len(needs.texts) - needs.embedded
+        return PlannedChunk(needs=needs, rows=self._changed_records(records, keys), size=len(chunk),
+                            lines=[chunk[0].line, chunk[-1].line])
+
+    def finish_chunk(self, planned: PlannedChunk, embedded: Embedded, field_types: FieldTypes) -> _ChunkWork | None:
+        """The chunk's rows to commit, once its texts were encoded (by any engine)."""
         self.truncated += embedded.truncated
         self.states_cached += embedded.states_cached
         self.states_bytes += embedded.states_bytes
-        new_rows = self._changed_records(records, keys)
-        return self.work(embedded.rows, new_rows, field_types, lines=[chunk[0].line, chunk[-1].line],
-                         embedded=embedded.embedded, states=embedded.states, states_cached=embedded.states_cached)
+        return self.work(embedded.rows, planned.rows, field_types, lines=planned.lines, embedded=embedded.embedded,
+                         states=embedded.states, states_cached=embedded.states_cached)
 
     def _changed_records(self, records: list[Record], keys: list[str]) -> list[tuple[Record, str, str]]:
         """New records to append now; changed ones are gathered and written in batches."""

@@ -87,3 +87,38 @@ def test_embed_missing_stores_states_and_vectors_in_one_version(wh_with_vectors)
 def test_an_unknown_precision_is_refused():
     with pytest.raises(EwError, match=r"--state-precision: 'fp8' is not supported; use fp16 or fp32"):
         TokenStates(1, "fp8")
+
+
+def _write_keys(wh, keys, *, model, layer, pooling="mean"):
+    from warehouse.tables import vector_column
+    import numpy as np
+
+    n = len(keys)
+    with wh.writer() as writer:
+        writer.append_embeddings(pa.table({
+            "doc_hash": keys, "model": [model] * n, "layer": pa.array([layer] * n, pa.int32()),
+            "pooling": [pooling] * n, "embedding": vector_column(np.zeros((n, 2), np.float32)),
+        }))
+        writer.commit("keys")
+
+
+def test_the_plan_reads_only_its_model_pooling_and_layers_keys_chunk_by_chunk(tmp_path):
+    from pipelines.embedding import Plan
+    from warehouse.tables import EMBEDDINGS
+
+    wh = Warehouse.open(tmp_path / "wh", create=True)
+    keys = [doc_hash(str(i)) for i in range(6)]
+    _write_keys(wh, keys[:2], model="m", layer=0)
+    _write_keys(wh, keys[:1], model="m", layer=1)
+    _write_keys(wh, keys[2:4], model="other", layer=0)             # another model's keys
+    _write_keys(wh, keys[4:], model="m", layer=0, pooling="cls")   # another pooling's
+    _write_keys(wh, keys[1:2], model="m", layer=5)                 # a layer not wanted
+    plan = Plan(wh.current_dataset(EMBEDDINGS), model="m", pooling="mean", layers=[0, 1])
+    assert plan.missing(keys) == [[], [1], [0, 1], [0, 1], [0, 1], [0, 1]]
+    assert plan.missing([keys[2]]) == [[0, 1]] and plan.missing([]) == []
+    plan.add(keys[2:3], [[0, 1]])  # this run's keys count as stored, and only for their layers
+    plan.add(keys[1:2], [[1]])
+    assert plan.missing(keys) == [[], [], [], [0, 1], [0, 1], [0, 1]]
+    _write_keys(wh, keys[3:4], model="m", layer=0)  # committed after the plan opened: not seen, it is pinned
+    assert plan.missing(keys[3:4]) == [[0, 1]]
+    assert plan.lacks_states(keys) == [False] * 6  # no states asked
