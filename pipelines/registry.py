@@ -26,7 +26,7 @@ from .artifacts import CARD_FILE, LayerAgreement, ModelCard, StatesCard, StatesG
 from .errors import ModelNotFoundError, UnknownModelKeyError
 from .models import ALIASES, ModelSource, resolve_model
 from .progress import announce
-from .precision import PRECISION_GUARD, check_guard_value
+from .precision import PRECISION_GUARD, check_available, check_guard_value
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,7 @@ def prepare_model(
     if exported:
         from .export import export_model  # torch and transformers: only when a model is new here
 
+        check_available(source.precision, model=source.name)  # refused before saying it exports
         announce(f"exporting {source.name} ({source.num_layers} layers, dim {source.dim}) to ONNX once for this "
                  "warehouse, checked against torch; later runs reuse it", enabled=progress)
         export_model(source, artifact, precision_guard=precision_guard)

@@ -62,8 +62,8 @@ def test_int8_ingest_end_to_end(tmp_path, tiny_bert_dir):
     assert listing.exit_code == 0
     worst = card.worst_agreement
     assert (f" int8 (cosine to fp32, worst layer {worst.layer}: min {worst.min_cosine:.4f}, "
-            f"mean {worst.mean_cosine:.4f})  from ") in listing.output
-    as_json = json.loads(CliRunner().invoke(cli, ["-w", str(wh.root), "models", "--json"]).output)
+            f"mean {worst.mean_cosine:.4f}), fp32 vectors  from ") in listing.output
+    [as_json] = json.loads(CliRunner().invoke(cli, ["-w", str(wh.root), "models", "--json"]).output)
     assert as_json["precision"] == "int8" and len(as_json["agreement"]) == 3
 
     again = ingest(wh, _corpus(tmp_path), model=str(tiny_bert_dir), precision="int8")
@@ -72,7 +72,7 @@ def test_int8_ingest_end_to_end(tmp_path, tiny_bert_dir):
 
 def test_fp32_models_show_their_precision(tmp_path, ingested):
     listing = CliRunner().invoke(cli, ["-w", str(ingested.root), "models"])
-    assert listing.exit_code == 0 and " fp32  from " in listing.output
+    assert listing.exit_code == 0 and " fp32, fp32 vectors  from " in listing.output
 
 
 def _perturbing_reduction(fp32_graph, out, precision_name):
