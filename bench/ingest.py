@@ -24,8 +24,6 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.encoder import Encoder
-from pipelines.fitting import fit_head
 from pipelines.ingest import ingest
 from pipelines.models import PRECISIONS, resolve_model
 from pipelines.registry import prepare_model
@@ -117,6 +115,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--model", default="minilm")
     args = parser.parse_args()
+    # Imported here, not at the top: the ingest child re-imports this module and must not load torch.
+    from pipelines.encoder import Encoder
+    from pipelines.fitting import fit_head
 
     cpu = cpu_flags()
     flags = {flag: flag in cpu["flags"] for flag in RELEVANT_FLAGS}
