@@ -144,7 +144,7 @@ class Encoder:
         ids, lengths, truncated = self._tokenize(texts)
         vectors = np.empty((len(ids), self.num_layers + 1, self.dim), dtype=np.float32)
         for rows in length_batches(lengths, batch_size=batch_size, batch_tokens=batch_tokens):
-            (vectors[rows],) = self._session.run([OUTPUT_NAME], self._feeds([ids[i] for i in rows]))
+            vectors[rows] = self._run([ids[i] for i in rows])
             if on_progress:
                 on_progress(len(rows))
         return EncodedBatch(vectors=vectors, truncated=truncated)
@@ -197,6 +197,10 @@ class Encoder:
         ids = [np.array([e.ids, e.type_ids], dtype=np.int64).reshape(2, -1) for e in encodings]
         lengths = np.fromiter((i.shape[1] for i in ids), dtype=np.int64, count=len(ids))
         return ids, lengths, truncated
+
+    def _run(self, texts_ids: list[np.ndarray]) -> np.ndarray:
+        (pooled,) = self._session.run([OUTPUT_NAME], self._feeds(texts_ids))
+        return pooled  # (B, num_layers + 1, dim)
 
     def _feeds(self, texts_ids: list[np.ndarray]) -> dict[str, np.ndarray]:
         width = max(i.shape[1] for i in texts_ids)
