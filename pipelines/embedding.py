@@ -39,8 +39,7 @@ from .registry import PreparedModel, open_model
 if TYPE_CHECKING:
     from .encoder import Encoder
 
-# Texts go to the encoder in groups of this many, sorted by length, so padding stays small
-# and progress moves often.
+# token_states rows are built this many at a time, so no binary array nears 2 GiB.
 ENCODE_GROUP = 512
 # The least cosine between a vector and its stored round trip, as for the encoder's precisions.
 # fp16 keeps 11 significant bits: MiniLM's vectors come back at cosine > 0.99999; what fails is a
@@ -148,18 +147,12 @@ def encode_texts(
     batch_size: int,
     on_progress: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Vectors (n, layers, dim) and truncation flags (n,) for ``texts``, in their order."""
-    order = np.argsort([len(text) for text in texts], kind="stable")
-    vectors = np.empty((len(texts), encoder.num_layers + 1, encoder.dim), dtype=np.float32)
-    truncated = np.zeros(len(texts), dtype=bool)
-    for start in range(0, len(order), ENCODE_GROUP):
-        group = order[start : start + ENCODE_GROUP]
-        encoded = encoder.encode([texts[i] for i in group], batch_size=batch_size)
-        vectors[group] = encoded.vectors
-        truncated[group] = encoded.truncated
-        if on_progress:
-            on_progress(len(group))
-    return vectors, truncated
+    """Vectors (n, layers, dim) and truncation flags (n,) for ``texts``, in their order.
+
+    All of ``texts`` are batched together by token count (a chunk's worth: the fewer, the more padding).
+    """
+    encoded = encoder.encode(texts, batch_size=batch_size, on_progress=on_progress)
+    return encoded.vectors, encoded.truncated
 
 
 def encode_state_texts(
@@ -172,20 +165,8 @@ def encode_state_texts(
     on_progress: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
     """Vectors (n, layers, dim), truncation flags (n,) and each text's (n_tokens, dim) layer states as ``dtype``."""
-    order = np.argsort([len(text) for text in texts], kind="stable")
-    vectors = np.empty((len(texts), encoder.num_layers + 1, encoder.dim), dtype=np.float32)
-    truncated = np.zeros(len(texts), dtype=bool)
-    states: list[np.ndarray] = [np.empty((0, encoder.dim), dtype)] * len(texts)
-    for start in range(0, len(order), ENCODE_GROUP):
-        group = order[start : start + ENCODE_GROUP]
-        encoded = encoder.encode_states([texts[i] for i in group], layer=layer, batch_size=batch_size, dtype=dtype)
-        vectors[group] = encoded.vectors
-        truncated[group] = encoded.truncated
-        for index, text_states in zip(group, encoded.states):
-            states[index] = text_states
-        if on_progress:
-            on_progress(len(group))
-    return vectors, truncated, states
+    encoded = encoder.encode_states(texts, layer=layer, batch_size=batch_size, dtype=dtype, on_progress=on_progress)
+    return encoded.vectors, encoded.truncated, encoded.states
 
 
 def token_state_rows(keys: Sequence[str], states: Sequence[np.ndarray], *, model: str, layer: int,

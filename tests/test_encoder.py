@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.encoder import ArtifactError, EncodedBatch, Encoder
+from pipelines.encoder import ArtifactError, EncodedBatch, Encoder, length_batches
 from warehouse.errors import EwError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,6 +42,33 @@ def test_encode_returns_every_layer_in_input_order(encoder):
 def test_batch_size_does_not_change_vectors(encoder):
     one_batch = encoder.encode(TEXTS, batch_size=32).vectors
     np.testing.assert_allclose(encoder.encode(TEXTS, batch_size=1).vectors, one_batch, atol=1e-5)
+
+
+def test_token_budget_does_not_change_vectors_or_order(encoder):
+    one_batch = encoder.encode(TEXTS, batch_size=32).vectors
+    seen = []
+    tight = encoder.encode(TEXTS, batch_size=32, batch_tokens=8, on_progress=seen.append)
+    np.testing.assert_allclose(tight.vectors, one_batch, atol=1e-5)
+    assert sum(seen) == len(TEXTS) and len(seen) > 1  # progress per batch, every text once
+
+
+def test_length_batches_cover_each_text_once_longest_first_within_budget():
+    lengths = np.array([5, 40, 7, 40, 3, 12, 12, 1])
+    batches = length_batches(lengths, batch_size=3, batch_tokens=30)
+    flat = np.concatenate(batches)
+    assert sorted(flat.tolist()) == list(range(len(lengths)))
+    assert lengths[flat].tolist() == sorted(lengths.tolist(), reverse=True)
+    assert flat[:2].tolist() == [1, 3] and flat[2:4].tolist() == [5, 6]  # ties keep input order
+    for rows in batches:
+        assert len(rows) <= 3
+        assert len(rows) == 1 or len(rows) * lengths[rows].max() <= 30  # one text longer than the budget goes alone
+    assert length_batches(np.array([], dtype=np.int64), batch_size=4) == []
+
+
+@pytest.mark.parametrize("option", [{"batch_size": 0}, {"batch_tokens": 0}])
+def test_batching_options_below_one_raise(encoder, option):
+    with pytest.raises(EwError, match="at least 1"):
+        encoder.encode(TEXTS, **option)
 
 
 def test_texts_longer_than_max_length_are_flagged(encoder):
