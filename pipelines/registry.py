@@ -48,7 +48,7 @@ def _registered(warehouse: Warehouse, row: ModelRow, pooling: str | None, max_le
                 f"model {row.model} was exported with {option} {getattr(row, option)}, not {wanted}; "
                 f"pass the model's name or directory (from `ew models`: {row.source}) to export it with these settings"
             )
-    artifact = warehouse.root / row.artifact
+    artifact = warehouse.artifact_path(row.artifact)
     return PreparedModel(card=ModelCard.load(artifact), artifact=artifact, exported=False)
 
 
@@ -66,7 +66,7 @@ def prepare_model(
     """
     warehouse = writer.warehouse
     row = _current_row(warehouse, name)
-    if row is not None and (warehouse.root / row.artifact).is_dir():
+    if row is not None and warehouse.artifact_path(row.artifact).is_dir():
         return _registered(warehouse, row, pooling, max_length)
     try:
         source = resolve_model(name, pooling=pooling or "mean", max_length=max_length)
@@ -76,10 +76,11 @@ def prepare_model(
             row = find_model(warehouse, name, pooling=pooling)
         except EwError:
             raise not_found from None
-        if not (warehouse.root / row.artifact).is_dir():
+        if not warehouse.artifact_path(row.artifact).is_dir():
             raise not_found from None
         return _registered(warehouse, row, None, max_length)
-    artifact = warehouse.model_dir(source.key)
+    relative = warehouse.model_artifact(source.key)
+    artifact = warehouse.artifact_path(relative)
     row = _current_row(warehouse, source.key)
     if row is not None and artifact.is_dir():
         return PreparedModel(card=ModelCard.load(artifact), artifact=artifact, exported=False)
@@ -88,11 +89,12 @@ def prepare_model(
 
     if artifact.exists() and not (artifact / CARD_FILE).is_file():
         shutil.rmtree(artifact)  # a leftover of an interrupted export
-    artifact.parent.mkdir(parents=True, exist_ok=True)
-    export_model(source, artifact)
+    with warehouse.storage.new_artifact(relative) as build:
+        export_model(source, build)
+    artifact = warehouse.artifact_path(relative)
     card = ModelCard.load(artifact)
     if row is None:
-        writer.register_model(card.row(artifact=str(artifact.relative_to(warehouse.root)), created_at=now_utc()))
+        writer.register_model(card.row(artifact=relative, created_at=now_utc()))
         writer.commit("register-model", {"model": card.key, "source": card.source, "max_abs_diff": card.max_abs_diff})
     return PreparedModel(card=card, artifact=artifact, exported=True)
 
@@ -144,7 +146,7 @@ def model_row(warehouse: Warehouse, key: str, *, version: int | None = None) -> 
 
 def open_model(warehouse: Warehouse, key: str) -> PreparedModel:
     """The artifact of a registered model key, its card read and checked."""
-    artifact = warehouse.root / model_row(warehouse, key).artifact
+    artifact = warehouse.artifact_path(model_row(warehouse, key).artifact)
     return PreparedModel(card=ModelCard.load(artifact), artifact=artifact, exported=False)
 
 

@@ -87,7 +87,7 @@ def train_on_states(
     version: int | None,
 ) -> Trained:
     """Train above the planned layer (choosing it first with ``auto``); ``check(stats, label)`` vets the splits."""
-    weights_dir = warehouse.root / row.artifact / TORCH_DIR
+    weights_dir = warehouse.artifact_path(row.artifact) / TORCH_DIR
 
     def run(layer: int, config: TrainConfig):
         """(trained top, test metrics, training seconds, split stats) above ``layer``."""
