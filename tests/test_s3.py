@@ -199,15 +199,32 @@ def test_kill_9_mid_ingest_leaves_a_readable_warehouse_and_the_rerun_has_no_dupl
 
 
 def test_readers_recipes_from_the_readme(s3_ingested):
-    """The README's recipes for reading an s3:// warehouse with deltalake + pyarrow, Polars and DuckDB."""
+    """The README's recipes for reading an s3:// warehouse with pyarrow, Polars and DuckDB."""
     import duckdb
     import polars as pl
+    import pyarrow.dataset as ds
     from deltalake import DeltaTable
 
-    uri, options = f"{s3_ingested.uri}/embeddings", {"allow_http": "true"}
-    table = DeltaTable(uri, storage_options=options).to_pyarrow_table(filters=[("layer", "=", 2)])
+    options = {"allow_http": "true"}  # the moto server speaks plain HTTP
+    dataset = DeltaTable(f"{s3_ingested.uri}/embeddings", storage_options=options).to_pyarrow_dataset()
+    table = dataset.to_table(filter=(ds.field("layer") == 2), columns=["doc_hash", "embedding"])
     assert table.num_rows == 240
-    frame = pl.scan_delta(uri, storage_options=options).filter(pl.col("layer") == 2).select("doc_hash").collect()
-    assert frame.height == 240
-    dataset = DeltaTable(f"{s3_ingested.uri}/documents", storage_options=options).to_pyarrow_dataset()
-    assert duckdb.sql("select count(*) from dataset").fetchall() == [(240,)]
+    vectors = pl.scan_delta(f"{s3_ingested.uri}/embeddings", storage_options=options).filter(pl.col("layer") == 2).collect()
+    assert vectors.height == 240
+    documents = DeltaTable(f"{s3_ingested.uri}/documents", storage_options=options).to_pyarrow_dataset()
+    assert duckdb.sql("select corpus, count(*) from documents group by all").fetchall() == [("debian", 240)]
+
+
+def test_a_missing_boto3_or_a_bad_lock_expiry_is_a_clear_error(s3_server, monkeypatch):
+    from warehouse.errors import EwError, StorageError
+
+    uri = f"s3://{new_bucket()}/wh"
+    wh = Warehouse.open(uri, create=True)
+    monkeypatch.setitem(sys.modules, "boto3", None)
+    with pytest.raises(StorageError, match=r"needs the Python package 'boto3', .*: pip install 'ew\[s3\]'$"):
+        with wh.writer():
+            pass
+    monkeypatch.setenv("EW_S3_LOCK_TTL", "soon")
+    with pytest.raises(EwError) as error:
+        Warehouse.open(uri)
+    assert str(error.value) == "EW_S3_LOCK_TTL='soon' is not a number of seconds above 0; unset it for 60"

@@ -32,7 +32,7 @@ import pyarrow.fs as pafs
 from deltalake import DeltaTable
 
 from .errors import EwError, StorageError, first_line
-from .lock import object_lock
+from .lock import LOCK_NAME, object_lock
 
 SCHEME = "s3://"
 MANIFEST = "manifest.json"
@@ -66,6 +66,17 @@ def _region() -> str | None:
     return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
 
 
+def _lock_ttl() -> float:
+    text = os.environ.get(LOCK_TTL_ENV) or str(DEFAULT_LOCK_TTL)
+    try:
+        ttl = float(text)
+    except ValueError:
+        ttl = 0.0
+    if not ttl > 0:
+        raise EwError(f"{LOCK_TTL_ENV}={text!r} is not a number of seconds above 0; unset it for {DEFAULT_LOCK_TTL:g}")
+    return ttl
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -92,7 +103,7 @@ class S3Storage:
         #: delta-rs reads credentials, region and endpoint from the environment itself; a plain-HTTP
         #: endpoint (a local test server) must be allowed explicitly.
         self.storage_options: dict[str, str] | None = {"allow_http": "true"} if scheme == "http" else {}
-        self.lock_ttl = float(os.environ.get(LOCK_TTL_ENV) or DEFAULT_LOCK_TTL)
+        self.lock_ttl = _lock_ttl()
 
     # -- locations -----------------------------------------------------------------
     def _path(self, relative: str = "") -> str:
@@ -145,7 +156,7 @@ class S3Storage:
 
     # -- the write lock --------------------------------------------------------------
     def lock(self, *, wait: float = 0.0) -> AbstractContextManager[None]:
-        return object_lock(self.bucket, self._key(".ew-write.lock"), where=self.uri, ttl=self.lock_ttl, wait=wait)
+        return object_lock(self.bucket, self._key(LOCK_NAME), where=self.uri, ttl=self.lock_ttl, wait=wait)
 
     # -- listing and deleting ----------------------------------------------------------
     def _files_below(self, relative: str) -> list[pafs.FileInfo]:
@@ -193,7 +204,7 @@ class S3Storage:
             return cache_root() / "missing" / relative
         except OSError as error:
             raise StorageError(f"cannot read {self.location(relative)} ({first_line(error)})") from None
-        cached = cache_root() / "artifacts" / hashlib.sha256(manifest).hexdigest()[:32] / Path(relative).name
+        cached = _cached(relative, manifest)
         if cached.is_dir():
             return cached
         files = self._manifest_files(relative, manifest)
@@ -244,13 +255,22 @@ class S3Storage:
             yield directory
             files = {str(path.relative_to(directory)): file_sha256(path)
                      for path in sorted(directory.rglob("*")) if path.is_file() and path.name != MANIFEST}
+            manifest = json.dumps({"files": files}, indent=1).encode()
             try:
                 for name in files:
                     self._upload(directory / name, f"{relative}/{name}")
-                self.write_bytes(f"{relative}/{MANIFEST}", json.dumps({"files": files}, indent=1).encode())
+                self.write_bytes(f"{relative}/{MANIFEST}", manifest)
             except BaseException:
                 self.delete(relative)  # a half upload has no manifest, but need not wait for `ew vacuum`
                 raise
+            # What was uploaded is what a download would cache: keep it, rather than fetch it back.
+            (directory / MANIFEST).write_bytes(manifest)
+            cached = _cached(relative, manifest)
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.rename(directory, cached)
+            except OSError:  # cached already
+                pass
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
@@ -260,6 +280,11 @@ class S3Storage:
                             destination_filesystem=self.fs)
         except OSError as error:
             raise StorageError(f"cannot upload {local} to {self.location(relative)} ({first_line(error)})") from None
+
+
+def _cached(relative: str, manifest: bytes) -> Path:
+    """The cache directory of the artifact ``relative`` whose manifest is ``manifest``."""
+    return cache_root() / "artifacts" / hashlib.sha256(manifest).hexdigest()[:32] / Path(relative).name
 
 
 def _made(directory: Path) -> Path:
