@@ -11,7 +11,7 @@ import time
 import uuid
 from pathlib import Path
 
-import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
@@ -110,7 +110,9 @@ def test_every_command_works_on_s3(s3_ingested, labelled_corpus, tmp_path):
     out = tmp_path / "predicted.parquet"
     predicted = run(uri, "predict", "s3-head", labelled_corpus, "--output", out)
     assert predicted.exit_code == 0, predicted.output
-    assert pa.parquet.read_table(out).num_rows == 240
+    assert pq.read_table(out).num_rows == 240
+    verified = run(uri, "verify")
+    assert verified.exit_code == 0 and verified.stdout.startswith(f"warehouse {uri} (version "), verified.output
 
 
 def test_artifacts_are_downloaded_once_and_checked(s3_ingested, tmp_path, monkeypatch):
@@ -211,7 +213,7 @@ def test_readers_recipes_from_the_readme(s3_ingested):
     assert table.num_rows == 240
     vectors = pl.scan_delta(f"{s3_ingested.uri}/embeddings", storage_options=options).filter(pl.col("layer") == 2).collect()
     assert vectors.height == 240
-    documents = DeltaTable(f"{s3_ingested.uri}/documents", storage_options=options).to_pyarrow_dataset()
+    documents = DeltaTable(f"{s3_ingested.uri}/documents", storage_options=options).to_pyarrow_dataset()  # noqa: F841 (DuckDB scans it by name)
     assert duckdb.sql("select corpus, count(*) from documents group by all").fetchall() == [("debian", 240)]
 
 
