@@ -10,7 +10,6 @@ import io
 import os
 import sys
 import traceback
-from pathlib import Path
 
 import click
 
@@ -48,13 +47,14 @@ class _Group(click.Group):
 
 @click.group(cls=_Group)
 @click.option(
-    "-w", "--warehouse", type=click.Path(file_okay=False, path_type=Path), envvar=ENV_VAR, default=DEFAULT_PATH,
-    show_default=True, help=f"The warehouse directory (or set ${ENV_VAR}).",
+    # A string, not a Path: a Path would fold s3://bucket into s3:/bucket.
+    "-w", "--warehouse", type=str, envvar=ENV_VAR, default=DEFAULT_PATH, show_default=True,
+    help=f"The warehouse: a directory, or s3://BUCKET/PREFIX with the AWS_* environment variables (or set ${ENV_VAR}).",
 )
 @click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
 @click.version_option(package_name="ew")
 @click.pass_context
-def cli(ctx: click.Context, warehouse: Path, debug: bool) -> None:
+def cli(ctx: click.Context, warehouse: str, debug: bool) -> None:
     """ew, the embedding warehouse: run the encoder once per document, keep every layer's
     vectors in Delta Lake tables, and train tiny heads on them in seconds.
 

@@ -31,7 +31,7 @@ from .precision import PRECISION_GUARD
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--chunk-size", type=click.IntRange(min=1), default=4096, show_default=True, help="Records per commit.")
 @click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail", show_default=True, help="On a bad line: stop, or skip it and write it to a rejects file.")
-@click.option("--rejects", "rejects_file", type=click.Path(dir_okay=False, path_type=Path), help="Where --on-error skip writes bad lines (default: WAREHOUSE/rejects/CORPUS-TIME.jsonl).")
+@click.option("--rejects", "rejects_file", type=click.Path(dir_okay=False, path_type=Path), help="Where --on-error skip writes bad lines (default: WAREHOUSE/rejects/CORPUS-TIME.jsonl; for an s3:// warehouse, CORPUS-TIME.rejects.jsonl beside the corpus file).")
 @click.option("--threads", type=click.IntRange(min=1), help="Inference threads (default: all usable cores).")
 @click.option("--token-states", type=click.IntRange(min=0), metavar="K", help="Also cache layer K's hidden states of every token (0 = embedding output), once per document, in `token_states`.")
 @click.option("--state-precision", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True, help="How --token-states are stored.")

@@ -31,6 +31,8 @@ from .registry import find_model
 from .training import torch_threads
 from .tuning import StatesPlan, Trained, train_on_states
 
+REPORT_FILE = "report.png"
+
 EVAL_BATCH = 1024
 DEFAULT_EPOCHS = 30
 DEFAULT_TUNE_EPOCHS = 3
@@ -74,7 +76,7 @@ class FitResult:
     layer_scores: dict = field(default_factory=dict)  # --from-layer auto: validation accuracy per cached layer
 
     @classmethod
-    def of(cls, card: HeadCard, *, path: Path, report: Path, reused: int, embedded: int, seconds: float,
+    def of(cls, card: HeadCard, *, path: Path | str, report: Path | str, reused: int, embedded: int, seconds: float,
            layer_scores: dict | None = None) -> "FitResult":
         """The result of a run that stored ``card``: the card's facts plus what the run itself did."""
         return cls(
@@ -181,11 +183,17 @@ def fit_head(
             trained = train_on_states(warehouse, row=row, name=name, documents=documents, spec=spec, config=config,
                                       plan=plan, check=_check_splits, threads=threads, memory_limit=memory_limit,
                                       version=version)
-    card, directory = store_head(warehouse, replace(trained.card, created_at=now_utc().isoformat()), trained.write)
-    what = f"layer {card.layer}" if card.tune == "head" else f"{card.tune} above layer {card.layer}"
-    report = write_report(directory / "report.png", history=trained.history, metrics=trained.metrics,
-                          best_epoch=card.best_epoch,
-                          title=f"{name}: {label} from {row.model} {what}")
+    what = f"layer {trained.card.layer}" if trained.card.tune == "head" else f"{trained.card.tune} above layer {trained.card.layer}"
+
+    def write(directory: Path, card: HeadCard) -> HeadCard:
+        """The head's files, and its report beside them: stored (and uploaded) together."""
+        card = trained.write(directory, card)
+        write_report(directory / REPORT_FILE, history=trained.history, metrics=trained.metrics,
+                     best_epoch=card.best_epoch, title=f"{name}: {label} from {row.model} {what}")
+        return card
+
+    card, directory = store_head(warehouse, replace(trained.card, created_at=now_utc().isoformat()), write)
+    report = f"{directory}/{REPORT_FILE}"
     return FitResult.of(card, path=directory, report=report, reused=trained.documents - trained.embedded,
                         embedded=trained.embedded, seconds=time.perf_counter() - started,
                         layer_scores=trained.layer_scores)

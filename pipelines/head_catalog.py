@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import re
 import secrets
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -78,14 +77,14 @@ def load_registered(warehouse: Warehouse, row: HeadRow):
     (``--tune top|lora``) as a :class:`pipelines.recycling.TopHead` on its model's weights.
     """
     if _row_card(row).get("tune", "head") == "head":
-        head = load_head(warehouse.root / row.artifact)
+        head = load_head(warehouse.artifact_path(row.artifact))
     else:
         from .recycling import load_top_head
 
         model = next((m for m in warehouse.models() if m.model == row.model), None)
         if model is None:
             raise HeadError(f"head {row.head!r} reads model {row.model}, which is not registered here")
-        head = load_top_head(warehouse.root / row.artifact, weights_dir=warehouse.root / model.artifact / TORCH_DIR)
+        head = load_top_head(warehouse.artifact_path(row.artifact), weights_dir=warehouse.artifact_path(model.artifact) / TORCH_DIR)
     card = head.card
     if (card.name, card.model, card.layer, card.pooling) != (row.head, row.model, row.layer, row.pooling):
         raise HeadError(
@@ -120,32 +119,34 @@ def _row_card(row: HeadRow) -> dict:
 
 
 def store_head(warehouse: Warehouse, card: HeadCard,
-               write: Callable[[Path, HeadCard], HeadCard]) -> tuple[HeadCard, Path]:
+               write: Callable[[Path, HeadCard], HeadCard]) -> tuple[HeadCard, str]:
     """Write the head's files with ``write(directory, card)`` (e.g. :func:`save_head` of a module) in a
-    directory of their own and register it in one commit; returns (card as saved, directory).
+    directory of their own, store it in the warehouse and register it in one commit; returns (card as
+    saved, where the warehouse keeps it: a path, or an s3:// URI).
 
     A head is stored whole or not at all, and a name taken meanwhile by another run is an
     error that leaves the other head alone.
     """
     # A directory no other run can pick: writing refuses an existing one, so this run owns it.
-    directory = warehouse.heads_dir() / f"{card.name}.{secrets.token_hex(4)}"
-    card = write(directory, card)
+    relative = f"artifacts/heads/{card.name}.{secrets.token_hex(4)}"
+    with warehouse.storage.new_artifact(relative) as directory:
+        card = write(directory, card)
     row_written = False
     try:
         with warehouse.writer(wait=REGISTER_WAIT) as writer:
             taken = writer.warehouse.current_dataset(HEADS).to_table(columns=["head"]).column("head").to_pylist()
             if card.name in taken:
                 raise HeadError(f"a head named {card.name!r} was registered meanwhile by another run; pick another --name")
-            writer.add_head(card.row(artifact=str(directory.relative_to(warehouse.root)), created_at=now_utc()))
+            writer.add_head(card.row(artifact=relative, created_at=now_utc()))
             # From here the row exists in the heads table (the next writer adopts it if the log
             # commit below never happens): its files must stay, whatever interrupts us.
             row_written = True
             writer.commit("fit-head", {"head": card.name, "label": card.label, "model": card.model, "layer": card.layer})
     except BaseException:
         if not row_written:
-            shutil.rmtree(directory, ignore_errors=True)  # only this run's own directory
+            warehouse.storage.delete(relative)  # only this run's own directory
         raise
-    return card, directory
+    return card, warehouse.storage.location(relative)
 
 
 def remove_head(warehouse: Warehouse, name: str) -> int:

@@ -47,7 +47,7 @@ def export_registered_head(warehouse, name: str, *, output: Path, tolerance: flo
     from .registry import model_row
 
     row = find_head(warehouse, name)
-    artifact = warehouse.root / model_row(warehouse, row.model).artifact
+    artifact = warehouse.artifact_path(model_row(warehouse, row.model).artifact)
     weights = artifact / TORCH_DIR
     if not weights.is_dir():
         card = ModelCard.load(artifact)
@@ -62,7 +62,7 @@ def export_registered_head(warehouse, name: str, *, output: Path, tolerance: flo
                 f"(`ew ingest FILE --model DIR --token-states {card.num_layers}`), which copies them there"
             )
         weights = source.path
-    return export_head(warehouse.root / row.artifact, output, artifact_dir=artifact, weights_dir=weights,
+    return export_head(warehouse.artifact_path(row.artifact), output, artifact_dir=artifact, weights_dir=weights,
                        tolerance=tolerance)
 
 

@@ -201,7 +201,9 @@ def ingest(
     corpus = check_corpus_name(corpus) if corpus is not None else corpus_name(path)
     if not isinstance(warehouse, Warehouse):
         warehouse = Warehouse.open(warehouse, create=True)
-    rejects = Rejects(path, rejects_file or _default_rejects_file(warehouse, corpus), on_error=on_error)
+    if token_states is not None:
+        warehouse.require_local("--token-states")  # its graph is added to the model artifact in place
+    rejects = Rejects(path, rejects_file or _default_rejects_file(warehouse, corpus, path), on_error=on_error)
 
     with warehouse.discarded_if_failed(), rejects, warehouse.writer() as writer:
         prepared = prepare_model(writer, model, pooling=pooling, max_length=max_length, progress=progress,
@@ -255,9 +257,12 @@ def ingest(
     )
 
 
-def _default_rejects_file(warehouse: Warehouse, corpus: str) -> Path:
+def _default_rejects_file(warehouse: Warehouse, corpus: str, path: Path) -> Path:
     stamp = now_utc().strftime("%Y%m%dT%H%M%SZ")
-    return warehouse.root / "rejects" / f"{corpus}-{stamp}.jsonl"
+    if warehouse.is_local:
+        return warehouse.root / "rejects" / f"{corpus}-{stamp}.jsonl"
+    # An object takes no appends, and the bad lines are for the user to fix: beside the corpus they came from.
+    return path.parent / f"{corpus}-{stamp}.rejects.jsonl"
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ def verify(warehouse: Warehouse, *, deep: bool = False) -> VerifyReport:
 
 def check_model(warehouse: Warehouse, row: ModelRow) -> list[Problem]:
     """What is wrong with the artifact of a registered model (nothing: an empty list)."""
-    directory = warehouse.root / row.artifact
+    directory = warehouse.artifact_path(row.artifact)
     fix = f"delete {directory} and export the model again with `ew ingest CORPUS --model SOURCE` (it came from {row.source})"
     if not directory.is_dir():
         return [Problem("model-artifact", f"the artifact of model {row.model} is missing", str(directory), fix)]
@@ -78,7 +78,7 @@ def check_head(warehouse: Warehouse, row: HeadRow) -> list[Problem]:
         load_registered(warehouse, row)
     except EwError as error:
         return [Problem(
-            "head-artifact", f"head {row.head} cannot be used: {error}", str(warehouse.root / row.artifact),
+            "head-artifact", f"head {row.head} cannot be used: {error}", str(warehouse.artifact_path(row.artifact)),
             # HeadError's message already says to train the head again
             f"or {RESTORE}; `ew heads rm {row.head}` takes it out of the catalog",
         )]

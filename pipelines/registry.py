@@ -56,7 +56,7 @@ def _registered(warehouse: Warehouse, row: ModelRow, pooling: str | None, max_le
                 f"model {row.model} was exported with {option} {getattr(row, option)}, not {wanted}; "
                 f"pass the model's name or directory (from `ew models`: {row.source}) to export it with these settings"
             )
-    artifact = warehouse.root / row.artifact
+    artifact = warehouse.artifact_path(row.artifact)
     return PreparedModel(card=ModelCard.load(artifact), artifact=artifact, exported=False)
 
 
@@ -83,7 +83,7 @@ def prepare_model(
     warehouse = writer.warehouse
     check_guard_value(precision_guard)
     row = _current_row(warehouse, name)
-    if row is not None and (warehouse.root / row.artifact).is_dir():
+    if row is not None and warehouse.artifact_path(row.artifact).is_dir():
         return _registered(warehouse, row, pooling, max_length, precision, vector_precision)
     try:
         source = resolve_model(name, pooling=pooling or "mean", max_length=max_length, precision=precision or "fp32",
@@ -94,31 +94,33 @@ def prepare_model(
             row = find_model(warehouse, name, pooling=pooling)
         except EwError:
             raise not_found from None
-        if not (warehouse.root / row.artifact).is_dir():
+        if not warehouse.artifact_path(row.artifact).is_dir():
             raise not_found from None
         return _registered(warehouse, row, None, max_length, precision, vector_precision)
-    artifact = warehouse.model_dir(source.key)
+    relative = warehouse.model_artifact(source.key)
+    artifact = warehouse.artifact_path(relative)
     row = _current_row(warehouse, source.key)
     if row is not None and artifact.is_dir():
         return PreparedModel(card=ModelCard.load(artifact), artifact=artifact, exported=False)
 
     if artifact.exists() and not (artifact / CARD_FILE).is_file():
         shutil.rmtree(artifact)  # a leftover of an interrupted export
-    artifact.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    exported = not _copy_twin(warehouse, name, source, artifact)
+    exported = not _copy_twin(warehouse, name, source, relative)
     if exported:
         from .export import export_model  # torch and transformers: only when a model is new here
 
         check_available(source.precision, model=source.name)  # refused before saying it exports
         announce(f"exporting {source.name} ({source.num_layers} layers, dim {source.dim}) to ONNX once for this "
                  "warehouse, checked against torch; later runs reuse it", enabled=progress)
-        export_model(source, artifact, precision_guard=precision_guard)
+        with warehouse.storage.new_artifact(relative) as build:
+            export_model(source, build, precision_guard=precision_guard)
+    artifact = warehouse.artifact_path(relative)
     card = ModelCard.load(artifact)
     if exported:
         announce(f"exported {card.key} in {time.perf_counter() - started:.1f}s", enabled=progress)
     if row is None:
-        writer.register_model(card.row(artifact=str(artifact.relative_to(warehouse.root)), created_at=now_utc()))
+        writer.register_model(card.row(artifact=relative, created_at=now_utc()))
         detail = {"model": card.key, "source": card.source, "max_abs_diff": card.max_abs_diff}
         if card.worst_agreement is not None:
             detail.update(precision=card.precision, min_cosine=card.worst_agreement.min_cosine)
@@ -126,15 +128,20 @@ def prepare_model(
     return PreparedModel(card=card, artifact=artifact, exported=exported)
 
 
-def _copy_twin(warehouse: Warehouse, name: str, source: ModelSource, artifact: Path) -> bool:
-    """Build ``artifact`` from a stored artifact of the same encoder that only stores its vectors at another
-    precision (the same graph: hard links where the file system allows, the card re-keyed), without torch;
-    whether there was one."""
+def _copy_twin(warehouse: Warehouse, name: str, source: ModelSource, relative: str) -> bool:
+    """Build the artifact ``relative`` from a stored artifact of the same encoder that only stores its vectors at
+    another precision (the same graph: hard links where the file system allows, the card re-keyed), without torch;
+    whether there was one. Local warehouses only: on an object store the model is exported again."""
+    if not warehouse.is_local:
+        return False
+    artifact = warehouse.artifact_path(relative)
+    artifact.parent.mkdir(parents=True, exist_ok=True)
     for precision in VECTOR_PRECISIONS:
         if precision == source.vector_precision:
             continue
-        twin = warehouse.model_dir(resolve_model(name, pooling=source.pooling, max_length=source.max_length,
-                                                 precision=source.precision, vector_precision=precision).key)
+        twin = warehouse.artifact_path(warehouse.model_artifact(
+            resolve_model(name, pooling=source.pooling, max_length=source.max_length, precision=source.precision,
+                          vector_precision=precision).key))
         if not (twin / CARD_FILE).is_file():
             continue
         build = Path(tempfile.mkdtemp(prefix=f".{artifact.name}.", suffix=".partial", dir=artifact.parent))
@@ -212,7 +219,7 @@ def model_row(warehouse: Warehouse, key: str, *, version: int | None = None) -> 
 
 def open_model(warehouse: Warehouse, key: str) -> PreparedModel:
     """The artifact of a registered model key, its card read and checked."""
-    artifact = warehouse.root / model_row(warehouse, key).artifact
+    artifact = warehouse.artifact_path(model_row(warehouse, key).artifact)
     return PreparedModel(card=ModelCard.load(artifact), artifact=artifact, exported=False)
 
 
@@ -238,7 +245,7 @@ def list_models(warehouse: Warehouse, *, version: int | None = None) -> list[Mod
     listings = []
     for row in warehouse.models(version=version):
         try:
-            card = ModelCard.load(warehouse.root / row.artifact)
+            card = ModelCard.load(warehouse.artifact_path(row.artifact))
         except EwError:
             card = None
         listings.append(ModelListing(row=row, card=card))

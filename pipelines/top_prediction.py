@@ -85,7 +85,7 @@ def predict_above_layer(warehouse, head: TopHead, *, corpus_file: Path | None, w
     from .rejects import Rejects
 
     snapshot = warehouse.snapshot(version)
-    artifact = warehouse.root / model_row(warehouse, head.card.model).artifact
+    artifact = warehouse.artifact_path(model_row(warehouse, head.card.model).artifact)
     scorer = TopScorer(head, states=warehouse.dataset(TOKEN_STATES, snapshot), artifact=artifact, threads=threads)
     rejects = None
     if corpus_file is not None:

@@ -91,7 +91,7 @@ def train_on_states(
     version: int | None,
 ) -> Trained:
     """Train above the planned layer (choosing it first with ``auto``); ``check(stats, label)`` vets the splits."""
-    weights_dir = warehouse.root / row.artifact / TORCH_DIR
+    weights_dir = warehouse.artifact_path(row.artifact) / TORCH_DIR
     bound_heap()  # batches of every length: without it freed activations stay with the process
 
     def run(layer: int, config: TrainConfig):

@@ -70,7 +70,7 @@ class _TableCheck:
 
     def report(self, snapshot: Snapshot | None, *, deep: bool) -> VerifyReport:
         return VerifyReport(
-            root=str(self.warehouse.root), version=None if snapshot is None else snapshot.version, deep=deep,
+            root=self.warehouse.uri, version=None if snapshot is None else snapshot.version, deep=deep,
             tables=self.tables, files=self.files, rows=self.rows, versions=self.versions, problems=tuple(self.problems),
         )
 

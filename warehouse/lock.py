@@ -2,12 +2,15 @@
 
 Readers never take it; they read a pinned snapshot. A writer that is killed (even with
 kill -9) releases the lock with its process, so the next writer never waits on a stale file.
+On an object store, :func:`object_lock` plays that part with an expiring object.
 """
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -58,3 +61,106 @@ def write_lock(root: Path, *, wait: float = 0.0) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
     finally:
         handle.close()
+
+
+@contextmanager
+def object_lock(bucket: str, key: str, *, where: str, ttl: float, wait: float = 0.0) -> Iterator[None]:
+    """The write lock of a warehouse on S3: an object created only if absent (``If-None-Match: *``).
+
+    An object store has no process to drop a lock when its holder dies, so the object holds an
+    expiry instead, pushed forward by a heartbeat thread every ``ttl / 3`` seconds while the block
+    runs. A writer killed with kill -9 stops the heartbeat; once its expiry has passed the next
+    writer replaces the object (``If-Match`` on the stale object's ETag, so of two writers taking
+    over at once only one wins) and settles what the dead one left, as after a local crash.
+    """
+    client, errors = _s3_client()
+    owner = {"owner": f"pid {os.getpid()} on {socket.gethostname()}", "pid": os.getpid(),
+             "host": socket.gethostname(), "token": os.urandom(8).hex()}
+
+    def body() -> bytes:
+        return json.dumps({**owner, "expires": time.time() + ttl}).encode()
+
+    def refused(error) -> bool:
+        code = error.response.get("Error", {}).get("Code", "")
+        return code in {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
+
+    deadline = time.monotonic() + wait
+    etag = None
+    while etag is None:
+        try:
+            etag = client.put_object(Bucket=bucket, Key=key, Body=body(), IfNoneMatch="*")["ETag"]
+            break
+        except errors.ClientError as error:
+            if not refused(error):
+                raise _lock_storage_error(where, error) from None
+        holder, held_etag = _read_holder(client, errors, bucket, key)
+        if held_etag is not None and holder.get("expires", 0) < time.time():
+            try:  # the holder stopped its heartbeat: take the lock over
+                etag = client.put_object(Bucket=bucket, Key=key, Body=body(), IfMatch=held_etag)["ETag"]
+                break
+            except errors.ClientError as error:
+                if not refused(error):
+                    raise _lock_storage_error(where, error) from None
+        if time.monotonic() >= deadline:
+            raise WarehouseLockedError(where, holder.get("owner") or "unknown process")
+        time.sleep(0.2)
+
+    state = {"etag": etag, "lost": False}
+    stop = threading.Event()
+
+    def heartbeat() -> None:
+        while not stop.wait(ttl / 3):
+            try:
+                state["etag"] = client.put_object(Bucket=bucket, Key=key, Body=body(), IfMatch=state["etag"])["ETag"]
+            except errors.ClientError:
+                state["lost"] = True  # taken over: this writer was too slow to renew; its next commit may conflict
+                return
+            except Exception:  # a network hiccup: try again at the next beat, the expiry leaves room for two
+                continue
+
+    beating = threading.Thread(target=heartbeat, name="ew-lock-heartbeat", daemon=True)
+    beating.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        beating.join()
+        if not state["lost"]:
+            try:
+                client.delete_object(Bucket=bucket, Key=key, IfMatch=state["etag"])
+            except errors.ClientError:
+                pass  # taken over meanwhile: the object is someone else's now
+            except Exception:
+                pass  # unreachable: the lock expires by itself
+
+
+def _s3_client():
+    """A boto3 S3 client configured from the AWS environment variables, and botocore's exceptions."""
+    try:
+        import boto3
+        import botocore.exceptions
+    except ImportError:
+        raise StorageError("writing to a warehouse on S3 needs the Python package 'boto3', which is not installed; "
+                           "install it with: pip install 'ew[s3]'") from None
+    return boto3.client("s3"), botocore.exceptions
+
+
+def _read_holder(client, errors, bucket: str, key: str) -> tuple[dict, str | None]:
+    """(the lock object's JSON, its ETag); ({}, None) when it vanished meanwhile."""
+    try:
+        response = client.get_object(Bucket=bucket, Key=key)
+        data = response["Body"].read()
+    except errors.ClientError:
+        return {}, None
+    try:
+        holder = json.loads(data)
+    except ValueError:
+        holder = {}
+    return (holder if isinstance(holder, dict) else {}), response["ETag"]
+
+
+def _lock_storage_error(where: str, error) -> StorageError:
+    return StorageError(
+        f"cannot take the write lock of the warehouse {where} ({error}); commands that write need write access "
+        "to it: check AWS_ENDPOINT_URL, the credentials and that the bucket exists"
+    )

@@ -2,21 +2,33 @@
 
 Every path of a warehouse goes through its :class:`LocalStorage`: the Delta tables (opened by
 ``table_uri`` with ``storage_options``), the Parquet files pyarrow reads (through ``fs``), and
-the one-writer lock. A warehouse on an object store is a second implementation of this
-interface (an S3 ``fs``, ``s3://`` URIs, delta-rs' storage options and an object-store lock);
-nothing above this module needs to know which one it has.
+the one-writer lock, and the artifact directories (``artifact_path`` to read one,
+``new_artifact`` to write one). A warehouse on an object store is the second implementation
+of this interface (:class:`warehouse.s3.S3Storage`); :func:`open_storage` picks one from the
+location the user gave, and nothing above this module needs to know which one it has.
 """
 from __future__ import annotations
 
 import os
 import shutil
 from collections.abc import Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from typing import Union
 
 import pyarrow.fs as pafs
+from deltalake import DeltaTable
 
+from .errors import EwError, StorageError
 from .lock import write_lock
+from .s3 import S3Storage, is_s3
+
+Storage = Union["LocalStorage", S3Storage]
+
+
+def open_storage(location: str | os.PathLike) -> Storage:
+    """The storage of the warehouse at ``location``: ``s3://bucket/prefix`` or a local directory."""
+    return S3Storage(str(location)) if is_s3(location) else LocalStorage(location)
 
 
 class LocalStorage:
@@ -32,9 +44,46 @@ class LocalStorage:
     def uri(self) -> str:
         return str(self.root)
 
+    def location(self, relative: str) -> str:
+        """What a user is shown for ``relative``: its path."""
+        return str(self.root / relative)
+
+    def exists(self, relative: str) -> bool:
+        return (self.root / relative).is_file()
+
+    def create(self, marker: str, text: str) -> None:
+        """Write the warehouse marker into an empty or new directory (whole: a temp file renamed into place)."""
+        root = self.root
+        if root.exists() and (not root.is_dir() or any(root.iterdir())):
+            raise EwError(f"{root} exists and is not an ew warehouse (no {marker}); "
+                          "choose an empty or new directory for --warehouse")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            temporary = root / f".{marker}.tmp"
+            temporary.write_text(text)
+            os.replace(temporary, root / marker)
+        except OSError as error:
+            raise StorageError(f"cannot create a warehouse at {root} ({error.strerror}); choose a writable directory") from None
+
+    def artifact_path(self, relative: str) -> Path:
+        """The directory of the artifact ``relative`` (it may not exist)."""
+        return self.root / relative
+
+    @contextmanager
+    def new_artifact(self, relative: str) -> Iterator[Path]:
+        """The directory to build the artifact ``relative`` in: its place itself, as the writers
+        of artifacts build beside it and rename into place."""
+        directory = self.root / relative
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        yield directory
+
     def table_uri(self, table: str) -> str:
         """What deltalake opens for ``table``."""
         return str(self.root / table)
+
+    def is_table(self, table: str) -> bool:
+        """Whether ``table`` has a Delta log."""
+        return DeltaTable.is_deltatable(self.table_uri(table))
 
     def fs_path(self, uri: str) -> str:
         """A URI deltalake lists (``file:///...`` or a plain path) as a path of :attr:`fs`."""

@@ -28,9 +28,10 @@ from deltalake import DeltaTable
 
 from .catalog import HeadRow, ModelRow
 from .errors import EwError, StorageError, WarehouseNotFoundError, first_line
-from .query import QueryResult, log_view, run_query
-from .storage import LocalStorage
 from .lock import LOCK_NAME
+from .query import QueryResult, log_view, run_query
+from .s3 import is_s3
+from .storage import LocalStorage, Storage, open_storage
 from .tables import DOCUMENTS, HEADS, LOG, LOG_SCHEMA, MODELS, SCHEMAS, TABLES, delta_dataset
 from .versions import LogEntry, Snapshot, entries, snapshot_of
 from .writer import Writer, now_utc
@@ -41,14 +42,15 @@ MARKER = "ew-warehouse.json"
 FORMAT = 1
 
 
-def default_path() -> Path:
-    return Path(os.environ.get(ENV_VAR) or DEFAULT_PATH)
+def default_path() -> Path | str:
+    location = os.environ.get(ENV_VAR) or DEFAULT_PATH
+    return location if is_s3(location) else Path(location)
 
 
 class Warehouse:
     """A warehouse. Open it with :meth:`open`; every read pins one version."""
 
-    def __init__(self, storage: LocalStorage):
+    def __init__(self, storage: Storage):
         self.storage = storage
         self._created: str | None = None  # what open(create=True) made here: "root", "marker", or nothing
 
@@ -59,26 +61,15 @@ class Warehouse:
 
         With ``create=True`` a missing warehouse is created; otherwise it is an error.
         """
-        root = Path(path) if path is not None else default_path()
-        marker = root / MARKER
-        if marker.is_file():
-            return cls(LocalStorage(root))
+        location = path if path is not None else default_path()
+        storage = open_storage(location)
+        if storage.exists(MARKER):
+            return cls(storage)
         if not create:
-            raise WarehouseNotFoundError(root)
-        if root.exists() and (not root.is_dir() or any(root.iterdir())):
-            raise EwError(
-                f"{root} exists and is not an ew warehouse (no {MARKER}); "
-                "choose an empty or new directory for --warehouse"
-            )
-        made = "marker" if root.exists() else "root"
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            temporary = root / f".{MARKER}.tmp"
-            temporary.write_text(json.dumps({"format": FORMAT, "created_at": now_utc().isoformat()}) + "\n")
-            os.replace(temporary, marker)
-        except OSError as error:
-            raise StorageError(f"cannot create a warehouse at {root} ({error.strerror}); choose a writable directory") from None
-        warehouse = cls(LocalStorage(root))
+            raise WarehouseNotFoundError(location if is_s3(location) else Path(location))
+        made = None if not isinstance(storage, LocalStorage) else "marker" if storage.root.exists() else "root"
+        storage.create(MARKER, json.dumps({"format": FORMAT, "created_at": now_utc().isoformat()}) + "\n")
+        warehouse = cls(storage)
         warehouse._created = made
         return warehouse
 
@@ -91,7 +82,7 @@ class Warehouse:
         try:
             yield
         except BaseException:
-            if self._created is not None:
+            if self._created is not None and self.is_local:
                 self._discard()
             raise
 
@@ -113,12 +104,35 @@ class Warehouse:
 
     # -- paths ---------------------------------------------------------------------
     @property
+    def uri(self) -> str:
+        """Where the warehouse is, as a user wrote it: a directory or ``s3://bucket/prefix``."""
+        return self.storage.uri
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.storage, LocalStorage)
+
+    def require_local(self, what: str) -> None:
+        """Fail with a clear message for a feature that needs the warehouse on local disk."""
+        if not self.is_local:
+            raise EwError(f"{what} needs a warehouse on local disk; {self.uri} is on object storage: "
+                          "use a local warehouse for it")
+
+    @property
     def root(self) -> Path:
-        """The local directory of the warehouse (artifacts live below it)."""
+        """The local directory of a warehouse on local disk (tests and benchmarks look inside it)."""
+        self.require_local("reading the warehouse's files directly")
         return self.storage.root
 
-    def model_dir(self, model_key: str) -> Path:
-        return self.root / "artifacts" / "models" / model_key
+    def artifact_path(self, relative: str) -> Path:
+        """A local directory with the files of the artifact ``relative`` (a models/heads row's
+        ``artifact``); on an object store, a checked copy in the local cache. It does not exist
+        when the warehouse holds no complete artifact there."""
+        return self.storage.artifact_path(relative)
+
+    def model_artifact(self, model_key: str) -> str:
+        """Where the artifact of ``model_key`` is stored, relative to the warehouse."""
+        return f"artifacts/models/{model_key}"
 
     def heads_dir(self) -> Path:
         return self.root / "artifacts" / "heads"
@@ -129,7 +143,7 @@ class Warehouse:
         uri = self.storage.table_uri(table)
         options = self.storage.storage_options
         try:
-            if not DeltaTable.is_deltatable(uri, storage_options=options):
+            if not self.storage.is_table(table):
                 return None
             return DeltaTable(uri, version=version, storage_options=options)
         except Exception as error:  # deltalake raises its own errors (and panics) for a damaged log

@@ -119,7 +119,7 @@ def summarize(warehouse: "Warehouse", *, version: int | None = None) -> Warehous
     finally:
         con.close()
     return WarehouseInfo(
-        root=str(warehouse.root), version=snapshot.version,
+        root=warehouse.uri, version=snapshot.version,
         latest_version=log[-1].version if log else -1, versions=len(log), committed_at=snapshot.committed_at,
         corpora=corpora, vectors=vectors, token_states=token_states, tables=tables,
     )

@@ -87,7 +87,7 @@ class Writer:
         storage = self.warehouse.storage
         uri = storage.table_uri(table)
         try:
-            exists = DeltaTable.is_deltatable(uri, storage_options=storage.storage_options)
+            exists = storage.is_table(table)
             write_deltalake(
                 uri, data, partition_by=PARTITIONS[table] or None, schema_mode="merge",
                 configuration=None if exists else TABLE_CONFIGURATION, storage_options=storage.storage_options,
