@@ -11,7 +11,7 @@ Prints and writes (bench/results/scale_out.json):
   vectors): what bounds a cluster however many workers it has;
 - planning on a warehouse holding ``--keys`` documents x 7 layers: the time to plan one chunk of
   4,096 keys and the memory it holds;
-- (local disk vs the local S3 server: see :func:`storage_figures`).
+- local disk vs the local S3 server: docs/s of the same ingest (``--s3-docs`` documents).
 """
 from __future__ import annotations
 
@@ -93,10 +93,14 @@ def planning(root: Path, *, keys: int, layers: int = 7) -> dict:
             "arrow_peak_mb": round(pool.max_memory() / 1e6, 1)}
 
 
-def storage_figures(corpus: Path, base: Path, model: str) -> dict | None:
-    """Local disk vs the local S3 server (target: at most 1.5x slower): bench/storage_bench.py's
-    ``s3_vs_local``, which the S3 storage brings; None until it is wired here."""
-    return None
+def storage_figures(*, model: str, documents: int, threads: int) -> dict:
+    """Local disk vs the local S3 server (moto, in its own process), same documents and threads:
+    target at most 1.5x slower (bench/storage_bench.py's ``s3_vs_local``)."""
+    from .storage_bench import s3_vs_local
+
+    figures = s3_vs_local(model=model, documents=documents, threads=threads)
+    figures["target"] = {"goal": "s3 slowdown <= 1.5", "pass": bool(figures["s3_slowdown"] <= 1.5)}
+    return figures
 
 
 def main() -> None:
@@ -105,6 +109,7 @@ def main() -> None:
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--keys", type=int, default=200_000, help="stored documents of the planning measurement")
     parser.add_argument("--model", default="minilm")
+    parser.add_argument("--s3-docs", type=int, default=1000, help="documents of the local disk vs S3 measurement")
     args = parser.parse_args()
 
     flags = cpu_flags()
@@ -133,7 +138,9 @@ def main() -> None:
         plan = planning(scratch / "planning", keys=args.keys)
         print(f"planning:      {plan['chunk_seconds']:.3f} s per chunk of {plan['chunk']:,} keys against "
               f"{plan['stored_documents']:,} x {plan['layers']} stored; {plan['python_held_mb']} MB held")
-        storage = storage_figures(corpus, base, model)
+        storage = storage_figures(model=args.model, documents=args.s3_docs, threads=args.cores)
+        print(f"storage:       local {storage['local']['docs_per_s']:.1f} docs/s, local S3 server "
+              f"{storage['s3']['docs_per_s']:.1f} docs/s: {storage['s3_slowdown']:.2f}x slower (target <= 1.5)")
 
     path = save("scale_out", {
         "docs": args.docs, "cores": args.cores, "model": model, "cpu": {k: v for k, v in flags.items() if k != "flags"},
