@@ -38,6 +38,7 @@ demo: $(STAMP) ## Ingest the example corpus with MiniLM, query it, fit a head on
 
 bench: $(STAMP) ## Measure ew beside sentence-transformers and scikit-learn (writes bench/results/*.json)
 	$(BIN)/python -m bench.ingest
+	$(BIN)/python -m bench.vector_precision
 	$(BIN)/python -m bench.fit_head
 	$(BIN)/python -m bench.fit_head_scale
 	$(BIN)/python -m bench.lifecycle
