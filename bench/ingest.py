@@ -101,11 +101,12 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
-def precision_supported(precision: str, flags: list[str]) -> str | None:
-    """None when this CPU runs ``precision`` natively, else why not."""
-    if precision == "bf16" and not {"avx512_bf16", "amx_bf16"} & set(flags):
-        return "skipped: this CPU has neither avx512_bf16 nor amx_bf16"
-    return None
+def precision_supported(precision: str) -> str | None:
+    """None when this machine runs ``precision``, else why not (ew's own check, as `ew ingest` makes it)."""
+    from pipelines.precision import bf16_unavailable
+
+    reason = bf16_unavailable() if precision == "bf16" else None
+    return None if reason is None else f"skipped: {reason}"
 
 
 def main() -> None:
@@ -140,7 +141,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ew-bench-") as scratch:
         corpus = write_jsonl(records, Path(scratch) / "debian.jsonl")
         for precision in PRECISIONS:
-            note = precision_supported(precision, cpu["flags"])
+            note = precision_supported(precision)
             if note:
                 modes[precision] = {"skipped": note}
                 print(f"{precision}: {note}")

@@ -26,19 +26,10 @@ from warehouse import Warehouse
 from warehouse.lifecycle import compact, vacuum
 from warehouse.tables import TABLES
 
-from .common import debian_records, save, write_jsonl
+from .common import cpu_flags, debian_records, save, write_jsonl
 
 FULL_SCAN = ("select (select count(*) from documents) as documents, (select count(distinct section) from documents) as sections, "
              "(select sum(list_sum(embedding)) from embeddings) as vector_sum")
-
-
-def cpu_flags() -> list[str]:
-    """The SIMD flags of this CPU that Arrow, DuckDB and onnxruntime use."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return []
-    return sorted(set(flags) & {"sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "amx_tile"})
 
 
 def on_disk(wh: Warehouse) -> dict:
@@ -76,7 +67,7 @@ def main() -> None:
     parser.add_argument("--corrected", type=float, default=0.05)
     parser.add_argument("--model", default="minilm")
     args = parser.parse_args()
-    print(f"CPU flags: {' '.join(cpu_flags()) or 'unknown'}")
+    print(f"CPU flags: {' '.join(cpu_flags()['vector_flags']) or 'unknown'}")
     records = debian_records(limit=args.docs, seed=0)
     with tempfile.TemporaryDirectory(prefix="ew-lifecycle-") as scratch:
         root = Path(scratch)
@@ -109,7 +100,7 @@ def main() -> None:
     print(f"ew verify --deep: {report.seconds:.2f}s for {vectors:,} vectors, {verify_per_million:.1f}s per million")
     path = save("lifecycle", {
         "model": args.model, "layers": "last", "documents": len(records), "chunks": args.chunks,
-        "corrected_fraction": args.corrected, "cpu_flags": cpu_flags(), "ingest_seconds": ingest_seconds,
+        "corrected_fraction": args.corrected, "cpu_flags": cpu_flags()["vector_flags"], "ingest_seconds": ingest_seconds,
         "stages": stages, "compact": compacted.to_dict(), "vacuum": vacuumed.to_dict(),
         "full_scan_speedup": speedup, "verify_deep_seconds": report.seconds, "vectors": vectors,
         "verify_deep_seconds_per_million_vectors": verify_per_million,

@@ -33,21 +33,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from .common import DATA, save
+from .common import DATA, cpu_flags, save
 
 HERE = Path(__file__).resolve().parent / ".search"
 WAREHOUSE = HERE / "warehouse"
 CORPUS = "debian"
-
-
-def cpu_flags() -> list[str]:
-    """The SIMD flags that decide how fast a dot product runs here."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return sorted(flag for flag in flags if flag in {"sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni", "amx_tile"})
 
 
 def peak_rss_mb() -> float:
@@ -205,7 +195,7 @@ def main() -> None:
         json.dump((run_ew if args.side == "ew" else run_numpy)(task), sys.stdout)
         return
 
-    flags = cpu_flags()
+    flags = cpu_flags()["vector_flags"]
     print(f"CPU flags: {' '.join(flags) or 'unknown'}")
     build(args.docs)
     task = {**queries(args.queries, args.seed), "k": args.k}
