@@ -4,7 +4,7 @@
 
 The driver reads the corpus, hashes and plans it chunk by chunk exactly as a local ingest does
 (:class:`pipelines.ingest._CorpusRun`). The texts to encode go to Ray Data in windows of up to
-WINDOW_TEXTS, each chunk's sorted by length and cut into ENCODE_GROUP blocks; a pool of actors
+WINDOW_TEXTS, each chunk's sorted by length, longest first, and cut into RAY_BLOCK blocks; a pool of actors
 (``map_batches`` with :class:`EncodeActor`) each loads the model artifact once from bytes shipped
 through Ray's object store (no shared disk) and runs :func:`pipelines.embedding.encode_texts` on
 them. Vectors stream back (``iter_batches``); a chunk is committed through the writer as soon as
@@ -32,7 +32,7 @@ import pyarrow as pa
 from warehouse.errors import EwError, first_line
 
 from .artifacts import CARD_FILE, MODEL_FILE, TOKENIZER_FILE
-from .embedding import ENCODE_GROUP, encode_texts
+from .embedding import encode_texts
 
 if TYPE_CHECKING:
     from .corpus import FieldTypes, Record
@@ -43,6 +43,10 @@ ENGINES = ("local", "ray")
 # Texts per Ray Data execution: each one starts its actor pool again (~5 s measured on a 2-core
 # machine), so a window must hold minutes of encoding; it also bounds what the driver holds.
 WINDOW_TEXTS = 65_536
+# Texts per Ray Data block, the unit an actor encodes at once. The pool waits at the end of a window
+# for its slowest actor's last block: with blocks of 512 one of two actors sat idle for most of a
+# block (~10 s of a 75 s ingest of 5,000 documents). Blocks go out longest first, so the last ones are short.
+RAY_BLOCK = 128
 # What an actor needs to encode: the ONNX graph, the tokenizer and the card (not the token-state
 # graphs nor the torch weights kept for fine-tuning).
 SHIPPED_FILES = (CARD_FILE, MODEL_FILE, TOKENIZER_FILE)
@@ -74,17 +78,13 @@ def require_ray():
 def connected(address: str | None) -> Iterator:
     """A driver connected to the cluster at ``address`` (None: a Ray started on this machine).
 
-    Workers get this process's ``pipelines`` and ``warehouse`` packages through the runtime
-    environment, so every node runs the driver's ew whatever is installed there.
+    See :func:`code_environment` for how the workers get this process's ew.
     """
     ray = require_ray()
-    import pipelines
-    import warehouse
-
     started = not ray.is_initialized()
     if started:
         try:
-            ray.init(address=address, runtime_env={"py_modules": [pipelines, warehouse]}, log_to_driver=False,
+            ray.init(address=address, log_to_driver=False,
                      include_dashboard=False if address is None else None, logging_level=logging.WARNING)
         except (ConnectionError, RuntimeError, ValueError) as error:
             where = f"at {address}" if address else "on this machine"
@@ -98,6 +98,51 @@ def connected(address: str | None) -> Iterator:
     finally:
         if started:
             ray.shutdown()
+
+
+def code_digest() -> str | None:
+    """A digest of the ``pipelines`` and ``warehouse`` sources this Python imports (None: it imports none).
+
+    Self-contained (it imports what it needs), so Ray can run it by value on a worker without ew.
+    """
+    import hashlib
+    import importlib.util
+    from pathlib import Path
+
+    digest = hashlib.sha256()
+    for package in ("pipelines", "warehouse"):
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        root = Path(list(spec.submodule_search_locations)[0])
+        for source in sorted(root.glob("*.py")):
+            digest.update(f"{package}/{source.name}\0".encode())
+            digest.update(source.read_bytes())
+    return digest.hexdigest()
+
+
+def code_environment(ray) -> dict | None:
+    """The runtime environment that gives the encoding actors this process's ew: none when the
+    cluster's workers import the very same sources already (a cluster started from this
+    installation), else this process's ``pipelines`` and ``warehouse`` shipped as ``py_modules``.
+
+    Shipping costs every ingest ~4 s on 2 cores (workers start afresh in a new environment), so
+    it is done only when a worker's sources differ from the driver's, checked by one small task.
+    """
+    import pipelines
+    import warehouse
+
+    probe = ray.remote(num_cpus=0)(_by_value(code_digest))
+    if ray.get(probe.remote()) == code_digest():
+        return None
+    return {"py_modules": [pipelines, warehouse]}
+
+
+def _by_value(function):
+    """``function`` as a fresh function object, which Ray pickles by value rather than by module name."""
+    import types
+
+    return types.FunctionType(function.__code__, {"__builtins__": __builtins__}, function.__name__)
 
 
 def artifact_files(artifact: Path) -> dict[str, bytes]:
@@ -136,6 +181,7 @@ def run_on_ray(run: _CorpusRun, chunks: Iterable[list[Record]], field_types: Fie
         actors = max(1, int(ray.cluster_resources().get("CPU", 1) // threads))
         show.label += f" on Ray ({actors} actors x {threads} thread{'s' if threads > 1 else ''})"
         files = [ray.put(artifact_files(run.service.model.artifact))]  # in a list: Ray passes the reference
+        environment = code_environment(ray)
         planned = (run.plan_chunk(chunk) for chunk in chunks)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ew-commit") as committer:
             commits = _Commits(committer, run)
@@ -145,7 +191,7 @@ def run_on_ray(run: _CorpusRun, chunks: Iterable[list[Record]], field_types: Fie
                 if blocks:
                     dataset = ray.data.from_arrow(blocks).map_batches(
                         EncodeActor, batch_size=None, batch_format="numpy", num_cpus=threads,
-                        compute=ray.data.ActorPoolStrategy(size=actors),
+                        compute=ray.data.ActorPoolStrategy(size=actors), runtime_env=environment,
                         fn_constructor_kwargs={"files": files, "threads": threads, "batch_size": run.service.batch_size},
                     )
                     results = dataset.iter_batches(batch_size=None, batch_format="numpy")
@@ -169,12 +215,12 @@ def _windows(planned: Iterable[PlannedChunk], size: int) -> Iterator[list[Planne
 
 
 def _blocks(window: list[PlannedChunk]) -> Iterator[pa.Table]:
-    """Each chunk's texts, sorted by length (short texts are not padded to long ones), ENCODE_GROUP at a time."""
+    """Each chunk's texts, longest first (short texts are not padded to long ones), RAY_BLOCK at a time."""
     for number, chunk in enumerate(window):
         texts = chunk.needs.vector_texts
-        order = np.argsort([len(text) for text in texts], kind="stable")
-        for start in range(0, len(order), ENCODE_GROUP):
-            group = order[start : start + ENCODE_GROUP]
+        order = np.argsort([-len(text) for text in texts], kind="stable")
+        for start in range(0, len(order), RAY_BLOCK):
+            group = order[start : start + RAY_BLOCK]
             yield pa.table({"chunk": pa.array(np.full(len(group), number, np.int32)),
                             "index": pa.array(group.astype(np.int64)),
                             "text": pa.array([texts[i] for i in group], pa.string())})

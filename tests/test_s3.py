@@ -20,7 +20,7 @@ boto3 = pytest.importorskip("boto3", reason="the S3 tests need boto3: pip instal
 
 from pipelines.cli import cli  # noqa: E402
 from pipelines.ingest import ingest  # noqa: E402
-from warehouse import Warehouse, WarehouseLockedError  # noqa: E402
+from warehouse import LockLostError, Warehouse, WarehouseLockedError  # noqa: E402
 
 pytestmark = pytest.mark.s3
 
@@ -164,6 +164,20 @@ def test_a_held_lock_is_kept_alive_and_waiting_writers_get_it_after(s3_server):
         released = time.monotonic()
     waiter.join()
     assert taken and taken[0] >= released
+
+
+def test_a_writer_whose_lock_was_taken_over_commits_nothing(s3_server):
+    uri = f"s3://{new_bucket()}/wh"
+    wh = Warehouse.open(uri, create=True)
+    with wh.writer() as writer:
+        writer.commit("before")
+        before = wh.latest_version()
+        # another writer replaced the lock object (as after an expiry): the next heartbeat fails
+        boto3.client("s3").put_object(Bucket=wh.storage.bucket, Key=wh.storage._key(".ew-write.lock"), Body=b"{}")
+        time.sleep(LOCK_TTL)
+        with pytest.raises(LockLostError, match="lost the write lock of the warehouse s3://"):
+            writer.commit("after")
+    assert wh.latest_version() == before
 
 
 def test_kill_9_mid_ingest_leaves_a_readable_warehouse_and_the_rerun_has_no_duplicates(s3_server, tiny_bert_dir, tmp_path):

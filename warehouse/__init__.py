@@ -1,6 +1,7 @@
 """ew's storage layer: versioned Delta tables keyed by document hash and model/layer."""
 from .errors import (
     EwError,
+    LockLostError,
     QueryError,
     QueryRefusedError,
     SelectionError,
@@ -17,6 +18,7 @@ from .versions import LogEntry, Snapshot
 
 __all__ = [
     "EwError",
+    "LockLostError",
     "LogEntry",
     "QueryError",
     "QueryRefusedError",

@@ -37,6 +37,16 @@ class WarehouseLockedError(EwError):
         )
 
 
+class LockLostError(EwError):
+    def __init__(self, path: str):
+        self.path = path
+        super().__init__(
+            f"this command lost the write lock of the warehouse {path}: it could not renew it in time "
+            "(a slow or broken connection to the object store), so another writer may have taken it over; "
+            "nothing more was committed: run the command again (an ingest continues from its last commit)"
+        )
+
+
 class VersionNotFoundError(EwError):
     def __init__(self, version: int, latest: int | None):
         self.version = version

@@ -16,13 +16,30 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import StorageError, WarehouseLockedError
+from .errors import LockLostError, StorageError, WarehouseLockedError
 
 LOCK_NAME = ".ew-write.lock"
 
 
+class Hold:
+    """The write lock as its holder sees it: :meth:`check` before every commit.
+
+    A file lock cannot be lost while its process lives; an object lock can: when its heartbeat
+    fails to renew it for longer than its time to live, another writer may take it over, and a
+    commit then could interleave with that writer's.
+    """
+
+    def __init__(self, where: str):
+        self.where = where
+        self.lost = False
+
+    def check(self) -> None:
+        if self.lost:
+            raise LockLostError(self.where)
+
+
 @contextmanager
-def write_lock(root: Path, *, wait: float = 0.0) -> Iterator[None]:
+def write_lock(root: Path, *, wait: float = 0.0) -> Iterator[Hold]:
     """Hold the warehouse's write lock for the duration of the block, or raise WarehouseLockedError.
 
     ``wait``: seconds to wait for another writer to finish first (0: fail at once). A short
@@ -54,7 +71,7 @@ def write_lock(root: Path, *, wait: float = 0.0) -> Iterator[None]:
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
         handle.flush()
         try:
-            yield
+            yield Hold(str(root))
         finally:
             handle.seek(0)
             handle.truncate()
@@ -64,14 +81,16 @@ def write_lock(root: Path, *, wait: float = 0.0) -> Iterator[None]:
 
 
 @contextmanager
-def object_lock(bucket: str, key: str, *, where: str, ttl: float, wait: float = 0.0) -> Iterator[None]:
+def object_lock(bucket: str, key: str, *, where: str, ttl: float, wait: float = 0.0) -> Iterator[Hold]:
     """The write lock of a warehouse on S3: an object created only if absent (``If-None-Match: *``).
 
     An object store has no process to drop a lock when its holder dies, so the object holds an
     expiry instead, pushed forward by a heartbeat thread every ``ttl / 3`` seconds while the block
     runs. A writer killed with kill -9 stops the heartbeat; once its expiry has passed the next
     writer replaces the object (``If-Match`` on the stale object's ETag, so of two writers taking
-    over at once only one wins) and settles what the dead one left, as after a local crash.
+    over at once only one wins) and settles what the dead one left, as after a local crash. A
+    holder whose lock was taken over, or not renewed for ``ttl`` seconds, is told at its next
+    commit (:meth:`Hold.check`) and commits nothing more.
     """
     client, errors = _s3_client()
     owner = {"owner": f"pid {os.getpid()} on {socket.gethostname()}", "pid": os.getpid(),
@@ -105,15 +124,16 @@ def object_lock(bucket: str, key: str, *, where: str, ttl: float, wait: float = 
             raise WarehouseLockedError(where, holder.get("owner") or "unknown process")
         time.sleep(0.2)
 
-    state = {"etag": etag, "lost": False}
+    hold = _ObjectHold(where, etag=etag, ttl=ttl)
     stop = threading.Event()
 
     def heartbeat() -> None:
         while not stop.wait(ttl / 3):
             try:
-                state["etag"] = client.put_object(Bucket=bucket, Key=key, Body=body(), IfMatch=state["etag"])["ETag"]
+                hold.etag = client.put_object(Bucket=bucket, Key=key, Body=body(), IfMatch=hold.etag)["ETag"]
+                hold.renewed = time.monotonic()
             except errors.ClientError:
-                state["lost"] = True  # taken over: this writer was too slow to renew; its next commit may conflict
+                hold.lost = True  # taken over: this writer was too slow to renew
                 return
             except Exception:  # a network hiccup: try again at the next beat, the expiry leaves room for two
                 continue
@@ -121,17 +141,33 @@ def object_lock(bucket: str, key: str, *, where: str, ttl: float, wait: float = 
     beating = threading.Thread(target=heartbeat, name="ew-lock-heartbeat", daemon=True)
     beating.start()
     try:
-        yield
+        yield hold
     finally:
         stop.set()
         beating.join()
-        if not state["lost"]:
+        if not hold.lost:
             try:
-                client.delete_object(Bucket=bucket, Key=key, IfMatch=state["etag"])
+                client.delete_object(Bucket=bucket, Key=key, IfMatch=hold.etag)
             except errors.ClientError:
                 pass  # taken over meanwhile: the object is someone else's now
             except Exception:
                 pass  # unreachable: the lock expires by itself
+
+
+class _ObjectHold(Hold):
+    """An object lock's :class:`Hold`: lost when taken over, or when not renewed for ``ttl`` seconds
+    (then its expiry has passed and another writer may have taken it)."""
+
+    def __init__(self, where: str, *, etag: str, ttl: float):
+        super().__init__(where)
+        self.etag = etag
+        self.ttl = ttl
+        self.renewed = time.monotonic()
+
+    def check(self) -> None:
+        if time.monotonic() - self.renewed > self.ttl:
+            self.lost = True
+        super().check()
 
 
 def _s3_client():

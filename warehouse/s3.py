@@ -32,7 +32,7 @@ import pyarrow.fs as pafs
 from deltalake import DeltaTable
 
 from .errors import EwError, StorageError, first_line
-from .lock import LOCK_NAME, object_lock
+from .lock import LOCK_NAME, Hold, object_lock
 
 SCHEME = "s3://"
 MANIFEST = "manifest.json"
@@ -155,7 +155,7 @@ class S3Storage:
                                "credentials' write access and that the bucket exists") from None
 
     # -- the write lock --------------------------------------------------------------
-    def lock(self, *, wait: float = 0.0) -> AbstractContextManager[None]:
+    def lock(self, *, wait: float = 0.0) -> AbstractContextManager[Hold]:
         return object_lock(self.bucket, self._key(LOCK_NAME), where=self.uri, ttl=self.lock_ttl, wait=wait)
 
     # -- listing and deleting ----------------------------------------------------------

@@ -20,7 +20,7 @@ import pyarrow.fs as pafs
 from deltalake import DeltaTable
 
 from .errors import EwError, StorageError
-from .lock import write_lock
+from .lock import Hold, write_lock
 from .s3 import S3Storage, is_s3
 
 Storage = Union["LocalStorage", S3Storage]
@@ -89,7 +89,7 @@ class LocalStorage:
         """A URI deltalake lists (``file:///...`` or a plain path) as a path of :attr:`fs`."""
         return uri[len("file://"):] if uri.startswith("file://") else uri
 
-    def lock(self, *, wait: float = 0.0) -> AbstractContextManager[None]:
+    def lock(self, *, wait: float = 0.0) -> AbstractContextManager[Hold]:
         """The warehouse's write lock: one writer at a time, released when the process dies."""
         return write_lock(self.root, wait=wait)
 

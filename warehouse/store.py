@@ -245,8 +245,8 @@ class Warehouse:
     def writer(self, *, wait: float = 0.0) -> Iterator["Writer"]:
         """Take the write lock (waiting up to ``wait`` seconds for another writer) and settle what
         a crashed writer left; the block's table writes become visible at ``Writer.commit``."""
-        with self.storage.lock(wait=wait):
-            writer = Writer(self)
+        with self.storage.lock(wait=wait) as hold:
+            writer = Writer(self, hold=hold)
             writer.settle()
             yield writer
 

@@ -21,6 +21,7 @@ from .errors import StorageError, first_line
 from .tables import DOCUMENTS, EMBEDDINGS, HEADS, LOG, LOG_SCHEMA, MODELS, PARTITIONS, SCHEMAS, TABLES, TOKEN_STATES
 
 if TYPE_CHECKING:
+    from .lock import Hold
     from .store import Warehouse
 
 
@@ -77,8 +78,9 @@ class Writer:
     row that pins every table's version. Until then readers of the warehouse do not see them.
     """
 
-    def __init__(self, warehouse: Warehouse):
+    def __init__(self, warehouse: Warehouse, *, hold: Hold | None = None):
         self.warehouse = warehouse
+        self.hold = hold  # the write lock: checked before each commit (an object lock can be lost)
         self.rows_added = 0
         #: Rows of an interrupted writer that :meth:`settle` made visible (0: nothing to settle).
         self.recovered_rows = 0
@@ -227,6 +229,8 @@ class Writer:
 
     def commit(self, operation: str, detail: dict | None = None) -> int:
         """Append the log row that makes every write so far visible; returns the new version."""
+        if self.hold is not None:
+            self.hold.check()
         previous = self.warehouse.latest_version()
         version = 0 if previous is None else previous + 1
         row = {
