@@ -159,3 +159,22 @@ def test_ray_address_without_the_ray_engine_is_refused(tmp_path, labelled_corpus
                                       "--ray-address", "127.0.0.1:1"])
     assert result.exit_code == 1
     assert result.stderr == "Error: --ray-address is only used with --engine ray\n"
+
+
+def test_workers_get_the_drivers_code_only_when_theirs_differs(ray_address, monkeypatch):
+    import ray
+
+    from pipelines import ray_engine
+
+    ray.init(address=ray_address, log_to_driver=False)
+    try:
+        assert ray_engine.code_environment(ray) is None  # the cluster runs this very installation
+        # a worker whose ew differs: the probe it runs reports other sources
+        monkeypatch.setattr(ray_engine, "_by_value", lambda function: lambda: "an older ew's sources")
+        shipped = ray_engine.code_environment(ray)
+    finally:
+        ray.shutdown()
+    import pipelines
+    import warehouse
+
+    assert shipped == {"py_modules": [pipelines, warehouse]}
