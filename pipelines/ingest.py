@@ -201,8 +201,6 @@ def ingest(
     corpus = check_corpus_name(corpus) if corpus is not None else corpus_name(path)
     if not isinstance(warehouse, Warehouse):
         warehouse = Warehouse.open(warehouse, create=True)
-    if token_states is not None:
-        warehouse.require_local("--token-states")  # its graph is added to the model artifact in place
     rejects = Rejects(path, rejects_file or _default_rejects_file(warehouse, corpus, path), on_error=on_error)
 
     with warehouse.discarded_if_failed(), rejects, warehouse.writer() as writer:
@@ -212,7 +210,7 @@ def ingest(
         wanted_layers = parse_layers(layers, prepared.card.num_layers)
         states = None
         if token_states is not None:
-            prepare_states(prepared, layer=token_states, name=model, progress=progress)
+            prepared = prepare_states(writer, prepared, layer=token_states, name=model, progress=progress)
             states = TokenStates(token_states, state_precision)
         service = EmbeddingService(writer, prepared, layers=wanted_layers, batch_size=batch_size, threads=threads,
                                    states=states, min_cosine=vector_min_cosine)

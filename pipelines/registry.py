@@ -10,7 +10,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyarrow.compute as pc
@@ -22,7 +22,7 @@ from warehouse.keys import slug
 from warehouse.store import now_utc
 from warehouse.tables import MODELS, VECTOR_PRECISIONS
 
-from .artifacts import CARD_FILE, LayerAgreement, ModelCard, StatesCard, StatesGraph, states_file
+from .artifacts import CARD_FILE, LayerAgreement, ModelCard, StatesCard, states_file
 from .errors import ModelNotFoundError, UnknownModelKeyError
 from .models import ALIASES, ModelSource, resolve_model
 from .progress import announce
@@ -32,8 +32,9 @@ from .precision import PRECISION_GUARD, check_available, check_guard_value
 @dataclass(frozen=True)
 class PreparedModel:
     card: ModelCard
-    artifact: Path            # the artifact directory
+    artifact: Path            # the artifact directory (on an object store, its checked local copy)
     exported: bool            # exported by this call
+    relative: str             # where the warehouse stores the artifact (a models row's ``artifact``)
 
     @property
     def key(self) -> str:
@@ -57,7 +58,7 @@ def _registered(warehouse: Warehouse, row: ModelRow, pooling: str | None, max_le
                 f"pass the model's name or directory (from `ew models`: {row.source}) to export it with these settings"
             )
     artifact = warehouse.artifact_path(row.artifact)
-    return PreparedModel(card=ModelCard.load(artifact), artifact=artifact, exported=False)
+    return PreparedModel(card=ModelCard.load(artifact), artifact=artifact, exported=False, relative=row.artifact)
 
 
 def prepare_model(
@@ -101,7 +102,7 @@ def prepare_model(
     artifact = warehouse.artifact_path(relative)
     row = _current_row(warehouse, source.key)
     if row is not None and artifact.is_dir():
-        return PreparedModel(card=ModelCard.load(artifact), artifact=artifact, exported=False)
+        return PreparedModel(card=ModelCard.load(artifact), artifact=artifact, exported=False, relative=relative)
 
     if artifact.exists() and not (artifact / CARD_FILE).is_file():
         shutil.rmtree(artifact)  # a leftover of an interrupted export
@@ -125,7 +126,7 @@ def prepare_model(
         if card.worst_agreement is not None:
             detail.update(precision=card.precision, min_cosine=card.worst_agreement.min_cosine)
         writer.commit("register-model", detail)
-    return PreparedModel(card=card, artifact=artifact, exported=exported)
+    return PreparedModel(card=card, artifact=artifact, exported=exported, relative=relative)
 
 
 def _copy_twin(warehouse: Warehouse, name: str, source: ModelSource, relative: str) -> bool:
@@ -166,11 +167,13 @@ def _link_or_copy(source: str, destination: str) -> None:
         shutil.copy2(source, destination)
 
 
-def prepare_states(prepared: PreparedModel, *, layer: int, name: str, progress: bool | None = None) -> StatesGraph:
-    """Make sure the artifact of ``prepared`` holds the layer-``layer`` token-state graph (under the write lock).
+def prepare_states(writer: Writer, prepared: PreparedModel, *, layer: int, name: str,
+                   progress: bool | None = None) -> PreparedModel:
+    """``prepared`` with an artifact that holds the layer-``layer`` token-state graph (under the write lock).
 
     Exported on first need (torch, and the model's weights found from ``name``, the name the
-    user gave, or the card's own name); every later call only reads ``states.json``.
+    user gave, or the card's own name) and added to the stored artifact (on an object store:
+    uploaded, then its new manifest); every later call only reads ``states.json``.
     """
     card = prepared.card
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= card.num_layers:
@@ -181,11 +184,14 @@ def prepare_states(prepared: PreparedModel, *, layer: int, name: str, progress: 
                       "ingest with --precision fp32 to cache token states")
     states = StatesCard.load(prepared.artifact)
     if states is not None and layer in states.graphs and (prepared.artifact / states_file(layer)).is_file():
-        return states.graphs[layer]
+        return prepared
     from .states_export import export_states  # torch and transformers: only when a layer is cached the first time
 
     announce(f"exporting the layer-{layer} token-state graph of {card.key} once (later runs reuse it)", enabled=progress)
-    return export_states(_source_of(card, name, layer), prepared.artifact, layer=layer)
+    source = _source_of(card, name, layer)
+    with writer.warehouse.storage.extended_artifact(prepared.relative) as directory:
+        export_states(source, directory, layer=layer)
+    return replace(prepared, artifact=writer.warehouse.artifact_path(prepared.relative))
 
 
 def _source_of(card: ModelCard, name: str, layer: int) -> ModelSource:
@@ -219,8 +225,9 @@ def model_row(warehouse: Warehouse, key: str, *, version: int | None = None) -> 
 
 def open_model(warehouse: Warehouse, key: str) -> PreparedModel:
     """The artifact of a registered model key, its card read and checked."""
-    artifact = warehouse.artifact_path(model_row(warehouse, key).artifact)
-    return PreparedModel(card=ModelCard.load(artifact), artifact=artifact, exported=False)
+    relative = model_row(warehouse, key).artifact
+    artifact = warehouse.artifact_path(relative)
+    return PreparedModel(card=ModelCard.load(artifact), artifact=artifact, exported=False, relative=relative)
 
 
 @dataclass(frozen=True)

@@ -25,8 +25,8 @@ def vectors_only(tmp_path_factory, tiny_bert_dir):
     corpus = root / "c.jsonl"
     corpus.write_text("".join(f'{{"id": "{i}", "text": "{text}"}}\n' for i, text in enumerate(TEXTS[:2])))
     model = ingest(wh, corpus, model=str(tiny_bert_dir)).model
-    with wh.writer():
-        prepare_states(open_model(wh, model), layer=1, name=str(tiny_bert_dir))
+    with wh.writer() as writer:
+        prepare_states(writer, open_model(wh, model), layer=1, name=str(tiny_bert_dir))
     return wh, model
 
 

@@ -115,6 +115,26 @@ def test_every_command_works_on_s3(s3_ingested, labelled_corpus, tmp_path):
     assert verified.exit_code == 0 and verified.stdout.startswith(f"warehouse {uri} (version "), verified.output
 
 
+def test_token_states_and_a_top_head_on_s3(s3_server, tiny_bert_dir, labelled_corpus, tmp_path, monkeypatch):
+    uri = f"s3://{new_bucket()}/wh"
+    cached = run(uri, "ingest", labelled_corpus, "--model", tiny_bert_dir, "--token-states", "1", "--json")
+    assert cached.exit_code == 0, cached.output
+    assert json.loads(cached.stdout)["states_cached"] == 240
+    wh = Warehouse.open(uri)
+    artifact = wh.models()[0].artifact
+    manifest = json.loads(wh.storage.fs.open_input_stream(wh.storage._path(f"{artifact}/manifest.json")).read())
+    assert {"states-1.onnx", "states.json", "torch/model.safetensors"} <= set(manifest["files"])
+    monkeypatch.setenv("EW_CACHE_DIR", str(tmp_path / "another-machine"))  # downloads the extended artifact
+    fit = run(uri, "fit-head", "--label", "section", "--from-layer", "1", "--tune", "top", "--epochs", "1",
+              "--name", "top", "--json")
+    assert fit.exit_code == 0, fit.output
+    assert json.loads(fit.stdout)["embedded"] == 0
+    out = tmp_path / "predicted.csv"
+    predicted = run(uri, "predict", "top", labelled_corpus, "--output", out)
+    assert predicted.exit_code == 0, predicted.output
+    assert len(out.read_text().splitlines()) == 241
+
+
 def test_artifacts_are_downloaded_once_and_checked(s3_ingested, tmp_path, monkeypatch):
     row = s3_ingested.models()[0]
     monkeypatch.setenv("EW_CACHE_DIR", str(tmp_path / "fresh-cache"))

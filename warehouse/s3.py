@@ -253,26 +253,56 @@ class S3Storage:
         directory = staging / Path(relative).name
         try:
             yield directory
-            files = {str(path.relative_to(directory)): file_sha256(path)
-                     for path in sorted(directory.rglob("*")) if path.is_file() and path.name != MANIFEST}
-            manifest = json.dumps({"files": files}, indent=1).encode()
             try:
-                for name in files:
-                    self._upload(directory / name, f"{relative}/{name}")
-                self.write_bytes(f"{relative}/{MANIFEST}", manifest)
+                self._publish(relative, directory, uploaded={})
             except BaseException:
                 self.delete(relative)  # a half upload has no manifest, but need not wait for `ew vacuum`
                 raise
-            # What was uploaded is what a download would cache: keep it, rather than fetch it back.
-            (directory / MANIFEST).write_bytes(manifest)
-            cached = _cached(relative, manifest)
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.rename(directory, cached)
-            except OSError:  # cached already
-                pass
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+    @contextmanager
+    def extended_artifact(self, relative: str) -> Iterator[Path]:
+        """A local copy of the stored artifact ``relative`` to add files to (as a token-state graph
+        is added to a model); the files added or replaced are uploaded when the block ends, then
+        the new manifest. Files are replaced by rename in the copy (hard links to the cached one).
+
+        A reader that read the old manifest keeps a complete artifact: only files it does not list
+        are new, except small cards replaced in place, whose digest it then finds changed
+        (an error asking to run again, never a wrong file used).
+        """
+        current = self.artifact_path(relative)
+        if not (current / MANIFEST).is_file():
+            raise StorageError(f"{self.location(relative)} holds no complete artifact; run `ew verify`")
+        uploaded = self._manifest_files(relative, (current / MANIFEST).read_bytes())
+        staging = Path(tempfile.mkdtemp(prefix=".upload.", dir=_made(cache_root() / "artifacts")))
+        directory = staging / current.name
+        try:
+            shutil.copytree(current, directory, copy_function=_link_or_copy)
+            yield directory
+            self._publish(relative, directory, uploaded=uploaded)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _publish(self, relative: str, directory: Path, *, uploaded: dict[str, str]) -> None:
+        """Upload the files of ``directory`` that ``uploaded`` (name -> digest) lacks or lists with another
+        digest, then the manifest of them all; keep ``directory`` as the cached copy of that manifest."""
+        files = {str(path.relative_to(directory)): file_sha256(path)
+                 for path in sorted(directory.rglob("*")) if path.is_file() and path.name != MANIFEST}
+        manifest = json.dumps({"files": files}, indent=1).encode()
+        for name, digest in files.items():
+            if uploaded.get(name) != digest:
+                self._upload(directory / name, f"{relative}/{name}")
+        self.write_bytes(f"{relative}/{MANIFEST}", manifest)
+        # What was uploaded is what a download would cache: keep it, rather than fetch it back.
+        (directory / MANIFEST).unlink(missing_ok=True)  # a hard link to the previous manifest
+        (directory / MANIFEST).write_bytes(manifest)
+        cached = _cached(relative, manifest)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(directory, cached)
+        except OSError:  # cached already
+            pass
 
     def _upload(self, local: Path, relative: str) -> None:
         try:
@@ -280,6 +310,13 @@ class S3Storage:
                             destination_filesystem=self.fs)
         except OSError as error:
             raise StorageError(f"cannot upload {local} to {self.location(relative)} ({first_line(error)})") from None
+
+
+def _link_or_copy(source: str, destination: str) -> None:
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)
 
 
 def _cached(relative: str, manifest: bytes) -> Path:

@@ -3,9 +3,10 @@
 Every path of a warehouse goes through its :class:`LocalStorage`: the Delta tables (opened by
 ``table_uri`` with ``storage_options``), the Parquet files pyarrow reads (through ``fs``), and
 the one-writer lock, and the artifact directories (``artifact_path`` to read one,
-``new_artifact`` to write one). A warehouse on an object store is the second implementation
-of this interface (:class:`warehouse.s3.S3Storage`); :func:`open_storage` picks one from the
-location the user gave, and nothing above this module needs to know which one it has.
+``new_artifact`` to write one, ``extended_artifact`` to add files to one). A warehouse on an
+object store is the second implementation of this interface (:class:`warehouse.s3.S3Storage`);
+:func:`open_storage` picks one from the location the user gave, and nothing above this module
+needs to know which one it has.
 """
 from __future__ import annotations
 
@@ -76,6 +77,11 @@ class LocalStorage:
         directory = self.root / relative
         directory.parent.mkdir(parents=True, exist_ok=True)
         yield directory
+
+    @contextmanager
+    def extended_artifact(self, relative: str) -> Iterator[Path]:
+        """The directory of the stored artifact ``relative``, to add files to in place (by rename)."""
+        yield self.root / relative
 
     def table_uri(self, table: str) -> str:
         """What deltalake opens for ``table``."""
