@@ -255,6 +255,10 @@ class Needs:
         return [self.texts[key] for key, _ in self.vectors_only]
 
     @property
+    def state_texts(self) -> list[str]:
+        return [self.texts[key] for key, _ in self.with_states]
+
+    @property
     def encoded(self) -> int:
         """Distinct texts to run through the encoder (for vectors, states or both)."""
         return len(self.vectors_only) + len(self.with_states)
@@ -334,16 +338,22 @@ class EmbeddingService:
         embedded = self.embedded(needs, vectors, truncated)
         if not needs.with_states:
             return embedded
-        todo, layers = [k for k, _ in needs.with_states], [l for _, l in needs.with_states]
         vectors, cut, text_states = encode_state_texts(
-            self.encoder, [needs.texts[k] for k in todo], layer=self.states.layer, dtype=self.states.dtype,
+            self.encoder, needs.state_texts, layer=self.states.layer, dtype=self.states.dtype,
             batch_size=self.batch_size, on_progress=on_progress)
+        return self.with_states(embedded, needs, vectors, cut, text_states)
+
+    def with_states(self, embedded: Embedded, needs: Needs, vectors: np.ndarray, truncated: np.ndarray,
+                    text_states: Sequence[np.ndarray]) -> Embedded:
+        """``embedded`` plus what the texts of ``needs.with_states`` produced (by any engine): ``vectors``
+        (n, layers, dim), ``truncated`` (n,) and each text's (n_tokens, dim) states, in that order."""
+        todo, layers = [k for k, _ in needs.with_states], [l for _, l in needs.with_states]
         rows = self.rows(todo, vectors, layers)
         states = token_state_rows(todo, text_states, model=self.model.key, layer=self.states.layer,
                                   precision=self.states.precision)
         return replace(
             embedded, rows=_concat([embedded.rows, rows]),
-            truncated=embedded.truncated + int(cut.sum()), states=states, states_cached=len(todo),
+            truncated=embedded.truncated + int(truncated.sum()), states=states, states_cached=len(todo),
             states_bytes=sum(s.nbytes for s in text_states),
         )
 

@@ -172,6 +172,10 @@ class Encoder:
                 on_progress(len(rows))
         return EncodedStates(vectors=vectors, truncated=truncated, states=states)
 
+    def open_states(self, layer: int) -> None:
+        """Open the layer-``layer`` token-state graph now rather than at its first use (its file may go)."""
+        self._states_session(layer)
+
     def _states_session(self, layer: int) -> ort.InferenceSession:
         if layer not in self._states_sessions:
             path = self.path / states_file(layer)

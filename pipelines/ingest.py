@@ -189,7 +189,7 @@ def ingest(
     """
     started = time.perf_counter()
     check_on_error(on_error)
-    check_engine(engine, token_states=token_states, ray_address=ray_address)
+    check_engine(engine, ray_address=ray_address)
     if batch_size < 1 or chunk_size < 1:
         raise EwError("--batch-size and the chunk size must be at least 1")
     if token_states is not None:

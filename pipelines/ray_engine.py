@@ -31,11 +31,12 @@ import pyarrow as pa
 
 from warehouse.errors import EwError, first_line
 
-from .artifacts import CARD_FILE, MODEL_FILE, TOKENIZER_FILE
-from .embedding import encode_texts
+from .artifacts import CARD_FILE, MODEL_FILE, STATES_CARD_FILE, TOKENIZER_FILE, states_file
+from .embedding import TokenStates, encode_state_texts, encode_texts
 
 if TYPE_CHECKING:
     from .corpus import FieldTypes, Record
+    from .embedding import Embedded, EmbeddingService, Needs
     from .ingest import PlannedChunk, _CorpusRun
     from .progress import Progress
 
@@ -52,7 +53,7 @@ RAY_BLOCK = 128
 SHIPPED_FILES = (CARD_FILE, MODEL_FILE, TOKENIZER_FILE)
 
 
-def check_engine(engine: str, *, token_states: int | None = None, ray_address: str | None = None) -> None:
+def check_engine(engine: str, *, ray_address: str | None = None) -> None:
     """Fail before any work for an unknown engine, a Ray engine without Ray, or what Ray cannot do yet."""
     if engine not in ENGINES:
         raise EwError(f"--engine: {engine!r} is not an engine; use {' or '.join(ENGINES)}")
@@ -60,8 +61,6 @@ def check_engine(engine: str, *, token_states: int | None = None, ray_address: s
         raise EwError("--ray-address is only used with --engine ray")
     if engine == "ray":
         require_ray()
-        if token_states is not None:
-            raise EwError("--engine ray does not cache --token-states yet; ingest them with --engine local")
 
 
 def require_ray():
@@ -145,15 +144,25 @@ def _by_value(function):
     return types.FunctionType(function.__code__, {"__builtins__": __builtins__}, function.__name__)
 
 
-def artifact_files(artifact: Path) -> dict[str, bytes]:
-    """The files an :class:`EncodeActor` loads, by name: shipped as one object, not as a path."""
-    return {name: (Path(artifact) / name).read_bytes() for name in SHIPPED_FILES}
+def artifact_files(artifact: Path, *, states: TokenStates | None = None) -> dict[str, bytes]:
+    """The files an :class:`EncodeActor` loads, by name: shipped as one object, not as a path
+    (with ``states``, the token-state graph of that layer too)."""
+    names = SHIPPED_FILES + ((states_file(states.layer), STATES_CARD_FILE) if states else ())
+    return {name: (Path(artifact) / name).read_bytes() for name in names}
+
+
+# The kind of a text in a block: it needs vectors only, or its token states as well.
+VECTORS, STATES = 0, 1
 
 
 class EncodeActor:
-    """One Ray Data actor: loads the model from shipped bytes once, then encodes blocks of texts."""
+    """One Ray Data actor: loads the model from shipped bytes once, then encodes blocks of texts.
 
-    def __init__(self, files: list, *, threads: int, batch_size: int):
+    A text of kind STATES also gets its layer-K token states, as bytes of ``states.precision``
+    values ((n_tokens, dim), row-major); the others get an empty ``states``.
+    """
+
+    def __init__(self, files: list, *, threads: int, batch_size: int, states: TokenStates | None = None):
         import ray
 
         from .encoder import Encoder
@@ -164,13 +173,28 @@ class EncodeActor:
             for name, data in ray.get(files[0]).items():
                 (directory / name).write_bytes(data)
             self.encoder = Encoder.load(directory, threads=threads)
+            if states is not None:
+                self.encoder.open_states(states.layer)
         finally:
             shutil.rmtree(directory, ignore_errors=True)
         self.batch_size = batch_size
+        self.states = states
 
     def __call__(self, block: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        vectors, truncated = encode_texts(self.encoder, list(block["text"]), batch_size=self.batch_size)
-        return {"chunk": block["chunk"], "index": block["index"], "vectors": vectors, "truncated": truncated}
+        parts = []
+        for kind in np.unique(block["kind"]):  # one, unless Ray Data merged blocks
+            rows = block["kind"] == kind
+            texts = list(block["text"][rows])
+            if kind == STATES:
+                vectors, truncated, states = encode_state_texts(self.encoder, texts, layer=self.states.layer,
+                                                                dtype=self.states.dtype, batch_size=self.batch_size)
+                blobs = np.array([s.tobytes() for s in states], dtype=object)
+            else:
+                vectors, truncated = encode_texts(self.encoder, texts, batch_size=self.batch_size)
+                blobs = np.array([b""] * len(texts), dtype=object)
+            parts.append({"chunk": block["chunk"][rows], "index": block["index"][rows], "kind": block["kind"][rows],
+                          "vectors": vectors, "truncated": truncated, "states": blobs})
+        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
 
 def run_on_ray(run: _CorpusRun, chunks: Iterable[list[Record]], field_types: FieldTypes, show: Progress, *,
@@ -180,7 +204,8 @@ def run_on_ray(run: _CorpusRun, chunks: Iterable[list[Record]], field_types: Fie
         threads = threads or 1
         actors = max(1, int(ray.cluster_resources().get("CPU", 1) // threads))
         show.label += f" on Ray ({actors} actors x {threads} thread{'s' if threads > 1 else ''})"
-        files = [ray.put(artifact_files(run.service.model.artifact))]  # in a list: Ray passes the reference
+        states = run.service.states
+        files = [ray.put(artifact_files(run.service.model.artifact, states=states))]  # in a list: Ray passes the reference
         environment = code_environment(ray)
         planned = (run.plan_chunk(chunk) for chunk in chunks)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ew-commit") as committer:
@@ -192,7 +217,8 @@ def run_on_ray(run: _CorpusRun, chunks: Iterable[list[Record]], field_types: Fie
                     dataset = ray.data.from_arrow(blocks).map_batches(
                         EncodeActor, batch_size=None, batch_format="numpy", num_cpus=threads,
                         compute=ray.data.ActorPoolStrategy(size=actors), runtime_env=environment,
-                        fn_constructor_kwargs={"files": files, "threads": threads, "batch_size": run.service.batch_size},
+                        fn_constructor_kwargs={"files": files, "threads": threads, "batch_size": run.service.batch_size,
+                                               "states": states},
                     )
                     results = dataset.iter_batches(batch_size=None, batch_format="numpy")
                 _receive(window, results, run, field_types, show, commits, ray)
@@ -206,7 +232,7 @@ def _windows(planned: Iterable[PlannedChunk], size: int) -> Iterator[list[Planne
     texts = 0
     for chunk in planned:
         window.append(chunk)
-        texts += len(chunk.needs.vectors_only)
+        texts += chunk.needs.encoded
         if texts >= size:
             yield window
             window, texts = [], 0
@@ -215,15 +241,16 @@ def _windows(planned: Iterable[PlannedChunk], size: int) -> Iterator[list[Planne
 
 
 def _blocks(window: list[PlannedChunk]) -> Iterator[pa.Table]:
-    """Each chunk's texts, longest first (short texts are not padded to long ones), RAY_BLOCK at a time."""
+    """Each chunk's texts of each kind, longest first (short texts are not padded to long ones), RAY_BLOCK at a time."""
     for number, chunk in enumerate(window):
-        texts = chunk.needs.vector_texts
-        order = np.argsort([-len(text) for text in texts], kind="stable")
-        for start in range(0, len(order), RAY_BLOCK):
-            group = order[start : start + RAY_BLOCK]
-            yield pa.table({"chunk": pa.array(np.full(len(group), number, np.int32)),
-                            "index": pa.array(group.astype(np.int64)),
-                            "text": pa.array([texts[i] for i in group], pa.string())})
+        for kind, texts in ((VECTORS, chunk.needs.vector_texts), (STATES, chunk.needs.state_texts)):
+            order = np.argsort([-len(text) for text in texts], kind="stable")
+            for start in range(0, len(order), RAY_BLOCK):
+                group = order[start : start + RAY_BLOCK]
+                yield pa.table({"chunk": pa.array(np.full(len(group), number, np.int32)),
+                                "index": pa.array(group.astype(np.int64)),
+                                "kind": pa.array(np.full(len(group), kind, np.int8)),
+                                "text": pa.array([texts[i] for i in group], pa.string())})
 
 
 class _Commits:
@@ -245,34 +272,59 @@ class _Commits:
             self.pending = None
 
 
+class _Arrivals:
+    """What came back so far for one chunk's texts, by kind, in the order of its ``needs``."""
+
+    def __init__(self, chunk: PlannedChunk, *, layers: int, dim: int, states: TokenStates | None):
+        counts = (len(chunk.needs.vectors_only), len(chunk.needs.with_states))
+        self.vectors = [np.empty((n, layers, dim), np.float32) for n in counts]
+        self.truncated = [np.zeros(n, bool) for n in counts]
+        self.states: list[np.ndarray | None] = [None] * counts[STATES]
+        self.dtype = states.dtype if states else None
+        self.dim = dim
+        self.left = sum(counts)
+
+    def add(self, batch: dict[str, np.ndarray], rows: np.ndarray) -> None:
+        for kind in (VECTORS, STATES):
+            mine = rows & (batch["kind"] == kind)
+            index = batch["index"][mine]
+            self.vectors[kind][index] = batch["vectors"][mine]
+            self.truncated[kind][index] = batch["truncated"][mine]
+            if kind == STATES:
+                for i, blob in zip(index, batch["states"][mine]):
+                    self.states[i] = np.frombuffer(blob, self.dtype).reshape(-1, self.dim)
+            self.left -= len(index)
+
+    def embedded(self, service: EmbeddingService, needs: Needs) -> Embedded:
+        embedded = service.embedded(needs, self.vectors[VECTORS], self.truncated[VECTORS])
+        if needs.with_states:
+            embedded = service.with_states(embedded, needs, self.vectors[STATES], self.truncated[STATES], self.states)
+        return embedded
+
+
 def _receive(window: list[PlannedChunk], results: Iterable[dict], run: _CorpusRun, field_types: FieldTypes,
              show: Progress, commits: _Commits, ray) -> None:
-    """Gather the streamed vectors by chunk; commit every chunk whose vectors are all back, in order."""
+    """Gather the streamed vectors (and states) by chunk; commit every chunk that is all back, in order."""
     card = run.service.model.card
-    left = [len(chunk.needs.vectors_only) for chunk in window]
-    vectors = [np.empty((n, card.num_layers + 1, card.dim), np.float32) for n in left]  # (n, layers, dim)
-    truncated = [np.zeros(n, bool) for n in left]
+    arrivals: list[_Arrivals | None] = [
+        _Arrivals(chunk, layers=card.num_layers + 1, dim=card.dim, states=run.service.states) for chunk in window]
     done = 0
 
     def commit_ready() -> None:
         nonlocal done
-        while done < len(window) and left[done] == 0:
+        while done < len(window) and arrivals[done].left == 0:
             chunk = window[done]
-            embedded = run.service.embedded(chunk.needs, vectors[done], truncated[done])
+            embedded = arrivals[done].embedded(run.service, chunk.needs)
             show.advance(chunk.size - embedded.encoded)
             commits.submit(run.finish_chunk(chunk, embedded, field_types))
-            vectors[done] = truncated[done] = None  # committed: let it go
+            arrivals[done] = None  # committed: let it go
             done += 1
 
     commit_ready()
     try:
         for batch in results:
             for number in np.unique(batch["chunk"]):  # one, unless Ray Data merged blocks
-                rows = batch["chunk"] == number
-                index = batch["index"][rows]
-                vectors[number][index] = batch["vectors"][rows]
-                truncated[number][index] = batch["truncated"][rows]
-                left[number] -= len(index)
+                arrivals[number].add(batch, batch["chunk"] == number)
             show.advance(len(batch["chunk"]))
             commit_ready()
     except ray.exceptions.RayError as error:

@@ -178,3 +178,25 @@ def test_workers_get_the_drivers_code_only_when_theirs_differs(ray_address, monk
     import warehouse
 
     assert shipped == {"py_modules": [pipelines, warehouse]}
+
+
+def _states(wh: Warehouse) -> dict[str, np.ndarray]:
+    rows = _rows(wh, "select doc_hash, n_tokens, states from token_states")
+    return {row["doc_hash"]: np.frombuffer(row["states"], "<f2").reshape(row["n_tokens"], -1) for row in rows}
+
+
+def test_token_states_cached_through_ray_equal_local_ones(ray_address, tiny_bert_dir, labelled_corpus, tmp_path):
+    local_wh = Warehouse.open(tmp_path / "local", create=True)
+    expected = ingest(local_wh, labelled_corpus, model=str(tiny_bert_dir), token_states=1)
+    summary = _ray_ingest(tmp_path / "wh", labelled_corpus, tiny_bert_dir, ray_address, "--token-states", "1")
+    counted = ("embedded", "reused", "states_cached", "states_bytes", "version")
+    assert {k: summary[k] for k in counted} == {k: expected.to_dict()[k] for k in counted}
+    wh = Warehouse.open(tmp_path / "wh")
+    _same_vectors(_vectors(wh), _vectors(local_wh))
+    got, want = _states(wh), _states(local_wh)
+    assert got.keys() == want.keys()
+    for key, states in want.items():
+        np.testing.assert_allclose(got[key].astype(np.float32), states.astype(np.float32), atol=2e-3)
+
+    again = _ray_ingest(tmp_path / "wh", labelled_corpus, tiny_bert_dir, ray_address, "--token-states", "1")
+    assert (again["states_cached"], again["embedded"]) == (0, 0)
