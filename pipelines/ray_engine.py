@@ -4,10 +4,10 @@
 
 The driver reads the corpus, hashes and plans it chunk by chunk exactly as a local ingest does
 (:class:`pipelines.ingest._CorpusRun`). The texts to encode go to Ray Data in windows of up to
-WINDOW_TEXTS, each chunk's sorted by length, longest first, and cut into RAY_BLOCK blocks; a pool of actors
-(``map_batches`` with :class:`EncodeActor`) each loads the model artifact once from bytes shipped
-through Ray's object store (no shared disk) and runs :func:`pipelines.embedding.encode_texts` on
-them. Vectors stream back (``iter_batches``); a chunk is committed through the writer as soon as
+WINDOW_TEXTS, each chunk's sorted by length, longest first, and cut into RAY_BLOCK blocks; a
+pool of actors (``map_batches`` with :class:`EncodeActor`) each loads the model artifact once
+from bytes shipped through Ray's object store (no shared disk) and runs
+:func:`pipelines.embedding.encode_texts` (or ``encode_state_texts``, for ``--token-states``) on them. Vectors stream back (``iter_batches``); a chunk is committed through the writer as soon as
 all of its vectors are back, in corpus order, so the versions, counts and keys are those of a
 local ingest. A Ctrl-C, a lost driver or a failed cluster leaves the warehouse at its last
 commit, and the rerun plans from there; a lost worker is replaced by Ray Data.
@@ -45,8 +45,9 @@ ENGINES = ("local", "ray")
 # machine), so a window must hold minutes of encoding; it also bounds what the driver holds.
 WINDOW_TEXTS = 65_536
 # Texts per Ray Data block, the unit an actor encodes at once. The pool waits at the end of a window
-# for its slowest actor's last block: with blocks of 512 one of two actors sat idle for most of a
-# block (~10 s of a 75 s ingest of 5,000 documents). Blocks go out longest first, so the last ones are short.
+# for its slowest actor's last block: with blocks of 512, a 5,000-document ingest is 10 blocks for
+# 2 actors, and one could sit idle for most of a block (~8 s). Blocks go out longest first, so the
+# last ones are also the shortest.
 RAY_BLOCK = 128
 # What an actor needs to encode: the ONNX graph, the tokenizer and the card (not the token-state
 # graphs nor the torch weights kept for fine-tuning).
