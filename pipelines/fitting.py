@@ -144,9 +144,10 @@ def fit_head(
     (Long only by its options: the training is in _train_on_vectors and tuning.train_on_states.)
     With ``from_layer`` (K, or "auto"), trains the encoder layers above K (``tune`` "top", or
     "lora" adapters of rank ``lora_rank``) and the head on the cached layer-K token states
-    instead: see :mod:`pipelines.tuning`. ``layer="auto"`` scores every stored layer with a linear
-    probe cross-validated over train + val and trains the head on the best (:mod:`pipelines.layer_choice`). The epochs are shown on stderr
-    (:mod:`pipelines.progress`) unless ``progress`` is False.
+    instead: see :mod:`pipelines.tuning`. ``layer="auto"`` scores every stored layer with a
+    linear probe cross-validated over train + val and trains the head on the best
+    (:mod:`pipelines.layer_choice`). The epochs are shown on stderr (:mod:`pipelines.progress`)
+    unless ``progress`` is False.
 
     The defaults (inputs standardized, lr 1e-2, the epoch kept by validation macro-F1, no class weights)
     were measured against scikit-learn's LogisticRegression: see ``python -m bench.fit_head``.

@@ -9,8 +9,9 @@ and scored on the K-th, every row scored once (:func:`probe_layer`). Two streame
 the vectors, memory O(K * D^2) whatever the corpus size, and no SGD. The head is then trained
 once, on the best layer; the test split is never seen before it scores that head.
 
->>> layer, scores = choose_layer([3, 6], score=lambda layer: probe_layer(batches_of(layer), num_classes=12, layer=layer))  # doctest: +SKIP
->>> scores[3]                                                                                                           # doctest: +SKIP
+>>> probe = lambda layer: probe_layer(batches_of(layer), num_classes=12, layer=layer)  # doctest: +SKIP
+>>> layer, scores = choose_layer([3, 6], score=probe)                                 # doctest: +SKIP
+>>> scores[3]                                                                         # doctest: +SKIP
 LayerScore(layer=3, val_accuracy=0.751, val_macro_f1=0.512)
 """
 from __future__ import annotations
