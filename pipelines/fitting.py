@@ -41,7 +41,7 @@ DEFAULT_EPOCHS = 30
 DEFAULT_TUNE_EPOCHS = 3
 DEFAULT_BATCH = 64
 # On pooled vectors 1e-3 left small corpora under-trained (30 epochs of 13 steps at 1,000 documents:
-# 1-2 points of accuracy below LogisticRegression at 5 of 7 layers); 1e-2 with patience 10 was not
+# up to 1.9 points of accuracy below LogisticRegression at 5 of 7 layers); 1e-2 with patience 10 was not
 # below it at any layer of 1,000-10,000 documents (bench/fit_head.py, 5 split seeds). Layers above K
 # keep 1e-3: they are pretrained (and have their own rate, tuning.LAYER_LR).
 DEFAULT_LR = 1e-2
