@@ -11,8 +11,10 @@ a JSON card inside the warehouse, with a PNG report, and registered in the ``hea
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from .embedding import ensure_vectors
 from .errors import HeadError, MissingDependencyError
 from .head_catalog import check_head_name, check_name_free, default_head_name, store_head
 from .head_card import HeadCard
+from .layer_choice import LAYER_SCORE, LayerScore
 from .progress import Progress, reporting_epochs
 from .registry import find_model
 from .training import torch_threads
@@ -37,6 +40,12 @@ EVAL_BATCH = 1024
 DEFAULT_EPOCHS = 30
 DEFAULT_TUNE_EPOCHS = 3
 DEFAULT_BATCH = 64
+# On pooled vectors 1e-3 left small corpora under-trained (30 epochs of 13 steps at 1,000 documents:
+# up to 1.9 points of accuracy below LogisticRegression at 5 of 7 layers); 1e-2 with patience 10 was not
+# below it at any layer of 1,000-10,000 documents (bench/fit_head.py, 5 split seeds). Layers above K
+# keep 1e-3: they are pretrained (and have their own rate, tuning.LAYER_LR).
+DEFAULT_LR = 1e-2
+DEFAULT_TUNE_LR = 1e-3
 DEFAULT_TUNE_BATCH = 16
 # On pooled vectors: an mlp and a linear head, probabilities averaged (bench/fit_head.py: the only
 # kind measured not below LogisticRegression on both accuracy and macro-F1 at every layer)
@@ -73,7 +82,7 @@ class FitResult:
     tune: str = "head"             # "head": on pooled vectors; "top" / "lora": layers above from_layer too
     from_layer: int | None = None  # K, for top / lora
     trainable_parameters: int = 0
-    layer_scores: dict = field(default_factory=dict)  # --from-layer auto: validation accuracy per cached layer
+    layer_scores: dict = field(default_factory=dict)  # --layer auto / --from-layer auto: each layer's scores
 
     @classmethod
     def of(cls, card: HeadCard, *, path: Path | str, report: Path | str, reused: int, embedded: int, seconds: float,
@@ -110,9 +119,9 @@ def fit_head(
     hidden: int = 64,
     epochs: int | None = None,
     batch_size: int | None = None,
-    lr: float = 1e-3,
+    lr: float | None = None,
     weight_decay: float = 1e-5,
-    patience: int = 6,
+    patience: int = 10,
     standardize: bool = True,
     class_weight: str = "none",
     select: str = "macro_f1",
@@ -135,11 +144,12 @@ def fit_head(
     (Long only by its options: the training is in _train_on_vectors and tuning.train_on_states.)
     With ``from_layer`` (K, or "auto"), trains the encoder layers above K (``tune`` "top", or
     "lora" adapters of rank ``lora_rank``) and the head on the cached layer-K token states
-    instead: see :mod:`pipelines.tuning`. ``layer="auto"`` trains a head on every stored layer and
-    keeps the best on validation (:mod:`pipelines.layer_choice`). The epochs are shown on stderr
-    (:mod:`pipelines.progress`) unless ``progress`` is False.
+    instead: see :mod:`pipelines.tuning`. ``layer="auto"`` scores every stored layer with a
+    linear probe cross-validated over train + val and trains the head on the best
+    (:mod:`pipelines.layer_choice`). The epochs are shown on stderr (:mod:`pipelines.progress`)
+    unless ``progress`` is False.
 
-    The defaults (inputs standardized, the epoch kept by validation macro-F1, no class weights)
+    The defaults (inputs standardized, lr 1e-2, the epoch kept by validation macro-F1, no class weights)
     were measured against scikit-learn's LogisticRegression: see ``python -m bench.fit_head``.
     """
     started = time.perf_counter()
@@ -166,6 +176,7 @@ def fit_head(
     # (0.14 test accuracy after 3 epochs), batch 16 four times as many (0.65, head-only 0.56).
     batch_size = batch_size or (DEFAULT_BATCH if from_layer is None else DEFAULT_TUNE_BATCH)
     kind = kind or (DEFAULT_KIND if from_layer is None else "mlp")
+    lr = lr or (DEFAULT_LR if from_layer is None else DEFAULT_TUNE_LR)
     config = TrainConfig(kind=kind, hidden=hidden, epochs=epochs, batch_size=batch_size, lr=lr,
                          weight_decay=weight_decay, seed=seed, patience=patience, select=select,
                          class_weight=class_weight, standardize=standardize)
@@ -177,7 +188,9 @@ def fit_head(
                 return _train_on_vectors(warehouse, row=row, name=name, layer=layer, documents=documents, spec=spec,
                                          config=config, threads=threads, memory_limit=memory_limit, version=version)
 
-            trained = train(layer) if layer != "auto" else _train_on_best_layer(warehouse, row, train, version=version)
+            trained = train(layer) if layer != "auto" else _train_on_best_layer(
+                warehouse, row, train, documents=documents, spec=spec, threads=threads, memory_limit=memory_limit,
+                version=version)
         else:
             plan = StatesPlan(from_layer=from_layer, tune=tune, lora_rank=lora_rank, precision=state_precision)
             trained = train_on_states(warehouse, row=row, name=name, documents=documents, spec=spec, config=config,
@@ -231,22 +244,37 @@ def _train_on_vectors(warehouse: Warehouse, *, row, name: str, layer: int, docum
                     history=trained.history, metrics=metrics, documents=stats.documents, embedded=embedded)
 
 
-def _train_on_best_layer(warehouse: Warehouse, row, train, *, version: int | None) -> Trained:
-    """--layer auto: a head per stored layer; the best on validation, with every layer's scores on its card."""
-    from .layer_choice import LayerScore, choose_layer, stored_layers
+def _train_on_best_layer(warehouse: Warehouse, row, train: Callable[[int], Trained], *, documents: DocumentFilter,
+                         spec: SplitSpec, threads: int | None, memory_limit: str, version: int | None) -> Trained:
+    """--layer auto: every stored layer scored by a cross-validated linear probe on train + val
+    (:mod:`pipelines.layer_choice`), then one head trained on the best; every layer's scores go on its card."""
+    from .layer_choice import choose_layer, probe_layer, stored_layers
 
-    def score(layer: int, trained: Trained) -> LayerScore:
-        # the head that is kept: an ensemble's own validation scores, else its kept epoch's
-        kept = trained.card.hyperparameters.get("members", {}).get("ensemble") or asdict(trained.history[trained.card.best_epoch - 1])
-        return LayerScore(layer=layer, val_accuracy=kept["val_accuracy"], val_macro_f1=kept["val_macro_f1"])
+    embedded = 0
+
+    def score(layer: int) -> LayerScore:
+        nonlocal embedded
+        if version is None:  # as a fixed --layer does: labelled texts without this layer's vector are embedded first
+            embedded += ensure_vectors(warehouse, documents, model_key=row.model, layer=layer, pooling=row.pooling,
+                                       threads=threads, operation="embed-for-head")
+        with LabelledVectors(warehouse, model=row.model, layer=layer, pooling=row.pooling, documents=documents,
+                             spec=spec, memory_limit=memory_limit, threads=threads, version=version) as data:
+            stats = data.assemble()
+            _check_splits(stats, documents.label)
+            # The test split is left out: it scores the chosen head alone, as for a fixed layer.
+            return probe_layer(lambda: itertools.chain(data.batches("train", batch_size=EVAL_BATCH),
+                                                       data.batches("val", batch_size=EVAL_BATCH)),
+                               num_classes=len(stats.classes), layer=layer)
 
     layers = stored_layers(warehouse, model=row.model, pooling=row.pooling, version=version)
-    _, trained, scores = choose_layer(layers, train=train, score=score)
+    layer, scores = choose_layer(layers, score=score)
+    trained = train(layer)
     layer_scores = {layer: {"val_accuracy": round(s.val_accuracy, 4), "val_macro_f1": round(s.val_macro_f1, 4)}
                     for layer, s in scores.items()}
-    hyperparameters = {**trained.card.hyperparameters, "layer": "auto",
+    hyperparameters = {**trained.card.hyperparameters, "layer": "auto", "layer_score": LAYER_SCORE,
                        "layer_scores": {str(layer): s for layer, s in layer_scores.items()}}
-    return replace(trained, card=replace(trained.card, hyperparameters=hyperparameters), layer_scores=layer_scores)
+    return replace(trained, card=replace(trained.card, hyperparameters=hyperparameters), layer_scores=layer_scores,
+                   embedded=trained.embedded + embedded)
 
 
 def _train_and_test(data: LabelledVectors, stats: SplitStats, config):

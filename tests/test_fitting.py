@@ -19,9 +19,9 @@ def test_fit_head_stores_a_self_describing_head(fitted):
     assert card.classes == row.classes and len(card.classes) == 4
     assert card.split["train"] == 80 and card.split["seed"] == 0
     assert card.trained_on_version == row.trained_on_version
-    assert card.hyperparameters["lr"] == 1e-3 and card.hyperparameters["kind"] == "ensemble" == card.config.kind
+    assert card.hyperparameters["lr"] == 1e-2 and card.hyperparameters["kind"] == "ensemble" == card.config.kind
     assert card.hyperparameters["standardize"] and card.hyperparameters["select"] == "macro_f1"
-    assert card.hyperparameters["class_weight"] == "none" and card.hyperparameters["patience"] == 6
+    assert card.hyperparameters["class_weight"] == "none" and card.hyperparameters["patience"] == 10
     assert set(card.hyperparameters["members"]) == {"mlp", "linear", "ensemble"}
     assert set(card.metrics) >= {"accuracy", "macro_f1", "per_class", "confusion"}
     assert row.card_dict() == card.to_dict()  # the catalog row carries the card as stored
@@ -108,8 +108,8 @@ def test_ctrl_c_stops_training_stores_nothing_and_exits_130(warehouse_copy):
     assert not list(warehouse_copy.heads_dir().glob("interrupted*")) if warehouse_copy.heads_dir().exists() else True
 
 
-def test_layer_auto_trains_every_stored_layer_and_keeps_the_best_on_validation(warehouse_copy):
-    from pipelines.layer_choice import stored_layers
+def test_layer_auto_probes_every_stored_layer_and_trains_on_the_best(warehouse_copy):
+    from pipelines.layer_choice import LAYER_SCORE, stored_layers
 
     layers = stored_layers(warehouse_copy, model=warehouse_copy.models()[0].model, pooling="mean")
     assert layers == [0, 1, 2]
@@ -121,8 +121,9 @@ def test_layer_auto_trains_every_stored_layer_and_keeps_the_best_on_validation(w
     card = load_head(result.path).card
     assert card.layer == result.layer and card.hyperparameters["layer"] == "auto"
     assert card.hyperparameters["layer_scores"] == {str(layer): score for layer, score in scores.items()}
+    assert card.hyperparameters["layer_score"] == LAYER_SCORE
     fixed = fit_head(warehouse_copy, label="section", layer=result.layer, name="fixed", epochs=2)
-    assert (fixed.accuracy, fixed.macro_f1) == (result.accuracy, result.macro_f1)  # the kept head, not a retrained one
+    assert (fixed.accuracy, fixed.macro_f1) == (result.accuracy, result.macro_f1)  # the same head as a fixed --layer
 
 
 def test_layer_auto_is_printed_per_layer(warehouse_copy):

@@ -39,6 +39,7 @@ def test_top_and_lora_heads_are_trained_registered_and_described(tuned):
     card = open_head(wh, "lora-head").card
     assert (card.tune, card.from_layer, card.top["rank"]) == ("lora", 1, 2)
     assert card.hyperparameters["state_precision"] == "fp16"
+    assert card.hyperparameters["lr"] == 1e-3  # pretrained layers keep the lower default (heads on vectors: 1e-2)
     assert (wh.root / rows["top-head"].artifact / "report.png").is_file()
 
 
