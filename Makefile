@@ -40,6 +40,7 @@ bench: $(STAMP) ## Measure ew beside sentence-transformers and scikit-learn (wri
 	$(BIN)/python -m bench.ingest
 	$(BIN)/python -m bench.vector_precision
 	$(BIN)/python -m bench.fit_head
+	$(BIN)/python -m bench.fit_head --sizes 0 --seeds 2 --name fit_head_whole
 	$(BIN)/python -m bench.fit_head_scale
 	$(BIN)/python -m bench.lifecycle
 	$(BIN)/python -m bench.search

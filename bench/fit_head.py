@@ -1,7 +1,7 @@
 """Heads on stored embeddings: ew fit-head's default head beside scikit-learn, at every layer and corpus size.
 
     python -m bench.fit_head [--warehouse bench/.warehouse] [--sizes 1000,4000,10000] [--layers all]
-                             [--seeds 5] [--offset 10000] [--threads N] [--timing]
+                             [--seeds 5] [--offset 10000] [--threads N] [--timing] [--name fit_head]
 
 For each size N, lines OFFSET+1 .. OFFSET+N of the Debian corpus are ingested as corpus
 ``debian-N`` with model ``minilm`` (vectors of a text stored once are reused by every size).
@@ -15,7 +15,9 @@ Targets, on the means: the head not below logistic regression on accuracy or mac
 (size, layer); ``--layer auto``'s test accuracy within 0.5 points of the layer whose mean test
 accuracy is highest. ``--timing`` also times one training epoch streamed from the warehouse
 beside one over the same vectors in NumPy memory (largest size, last layer). Prints a table and
-writes bench/results/fit_head.json; the warehouse is kept, so a second run embeds nothing.
+writes bench/results/NAME.json; the warehouse is kept, so a second run embeds nothing. The whole
+corpus (``--sizes 0``, 63,666 documents x 7 layers) is its own run: ``make bench`` writes it to
+bench/results/fit_head_whole.json with 2 seeds.
 """
 from __future__ import annotations
 
@@ -187,6 +189,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=usable_cores())
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--timing", action="store_true", help="Also time streamed vs in-memory epochs.")
+    parser.add_argument("--name", default="fit_head", help="Results file: bench/results/NAME.json.")
     args = parser.parse_args()
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
@@ -216,7 +219,7 @@ def main() -> None:
         last = results[-1]
         report["timing"] = timing(wh, model=last["model"], layer=last["layers"][-1]["layer"], pooling="mean",
                                   corpus=last["corpus"], batch_size=args.batch_size)
-    path = save("fit_head", report)
+    path = save(args.name, report)
     print(f"\nMeans over split seeds {seeds[0]}..{seeds[-1]}; W/T/L: the seeds where the head beat, tied, trailed LR")
     print("| docs | layer | head acc | LR acc | acc W/T/L | head macro-F1 | LR macro-F1 | F1 W/T/L |")
     print("| ---: | ---: | ---: | ---: | :---: | ---: | ---: | :---: |")
