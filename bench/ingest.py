@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from pipelines.registry import prepare_model
 from warehouse import Warehouse
 from warehouse.query import usable_cores
 
-from .common import cpu_flags, debian_records, save, versions, write_jsonl
+from .common import cpu_flags, debian_records, peak_rss_mb, save, versions, write_jsonl
 
 LABEL = "section"
 RELEVANT_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
@@ -72,23 +71,10 @@ def sentence_transformers_rate(model_dir: Path, texts: list[str], *, threads: in
     return len(texts) / (time.perf_counter() - started)
 
 
-def peak_rss_mb() -> float:
-    """This process's own peak RSS. Not ru_maxrss: Linux carries the pre-exec peak into it, so a spawned
-    child reports its parent's RSS at the spawn (torch and sentence-transformers' model; measured: a child
-    of an 800 MB parent reads 813 MB from ru_maxrss, 15 MB from VmHWM). VmHWM starts afresh at exec."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)  # kB
-    except OSError:  # not Linux: ru_maxrss, which may include the parent's
-        pass
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
 def _ingest_child(queue, warehouse: str, corpus: str, options: dict) -> None:
     result = ingest(warehouse, Path(corpus), progress=False, **options)
     queue.put({"model": result.model, "read": result.read, "seconds": result.seconds, "truncated": result.truncated,
-               "peak_rss_mb": peak_rss_mb()})
+               "peak_rss_mb": round(peak_rss_mb(), 1)})
 
 
 def ingest_in_child(warehouse: Path, corpus: Path, **options) -> dict:
