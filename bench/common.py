@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import random
+import resource
 from importlib import metadata
 from datetime import datetime, timezone
 from pathlib import Path
@@ -75,6 +76,19 @@ def versions() -> dict:
         except metadata.PackageNotFoundError:
             found[package] = None
     return found
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak RSS in MB. VmHWM, not ru_maxrss: Linux carries the pre-exec peak into
+    ru_maxrss, so a child started by spawn or subprocess reports its parent's RSS at the start (a child
+    of an 800 MB parent read 813 MB from ru_maxrss, 15 MB from VmHWM)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:  # not Linux: ru_maxrss, which may include the parent's
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def save(name: str, result: dict) -> Path:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from pipelines.registry import prepare_model
 from warehouse import Warehouse
 from warehouse.query import usable_cores
 
-from .common import cpu_flags, debian_records, save, versions, write_jsonl
+from .common import cpu_flags, debian_records, peak_rss_mb, save, versions, write_jsonl
 
 LABEL = "section"
 RELEVANT_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
@@ -74,9 +73,8 @@ def sentence_transformers_rate(model_dir: Path, texts: list[str], *, threads: in
 
 def _ingest_child(queue, warehouse: str, corpus: str, options: dict) -> None:
     result = ingest(warehouse, Path(corpus), progress=False, **options)
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     queue.put({"model": result.model, "read": result.read, "seconds": result.seconds, "truncated": result.truncated,
-               "peak_rss_mb": round(peak_kib / 1024, 1)})
+               "peak_rss_mb": round(peak_rss_mb(), 1)})
 
 
 def ingest_in_child(warehouse: Path, corpus: Path, **options) -> dict:

@@ -23,7 +23,6 @@ import gzip
 import json
 import os
 import random
-import resource
 import shutil
 import subprocess
 import sys
@@ -33,19 +32,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from .common import DATA, cpu_flags, save
+from .common import DATA, cpu_flags, peak_rss_mb, save
 
 HERE = Path(__file__).resolve().parent / ".search"
 WAREHOUSE = HERE / "warehouse"
 CORPUS = "debian"
-
-
-def peak_rss_mb() -> float:
-    """This process's peak RSS (VmHWM: unlike ru_maxrss, not inherited from the parent across exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def build(docs: int) -> None:

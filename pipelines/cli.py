@@ -5,7 +5,6 @@ group, its one error boundary, and the entry point.
 """
 from __future__ import annotations
 
-import ctypes
 import io
 import os
 import sys
@@ -17,8 +16,7 @@ from warehouse import EwError
 from warehouse.store import DEFAULT_PATH, ENV_VAR
 
 from . import cli_data, cli_heads, cli_lifecycle
-
-M_ARENA_MAX = -8  # glibc's mallopt parameter number
+from .memory import limit_arenas
 
 
 class _Group(click.Group):
@@ -80,22 +78,8 @@ def _discard_stdout() -> None:
 
 
 def main() -> None:
-    _limit_malloc_arenas()
+    limit_arenas()  # process-wide: every command gets it; ingest and tuning also bound the heap (pipelines.memory)
     cli(prog_name="ew")
-
-
-def _limit_malloc_arenas(arenas: int = 2) -> None:
-    """glibc gives each new thread a heap of its own; batches made in fit-head's prefetch thread
-    and freed in the training thread then fragment them, and RSS creeps up by ~100 MB over the
-    epochs. Two heaps are plenty for ew, whose heavy allocations go to DuckDB's and Arrow's own
-    allocators. Process-wide, so only the `ew` command sets it, never the library."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt(M_ARENA_MAX, arenas)
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt): nothing to tune
-        pass
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from warehouse.selection import DocumentFilter, missing_states, missing_vectors
 from warehouse.store import damaged_table
 from warehouse.tables import EMBEDDINGS, STATE_DTYPES, TOKEN_STATES, states_column, vector_columns
 
+from .memory import bound_heap
 from .registry import PreparedModel, open_model
 
 if TYPE_CHECKING:
@@ -305,6 +306,12 @@ class EmbeddingService:
         if self._encoder is None:
             from .encoder import Encoder
 
+            # Tokenizing a chunk, its vectors and rows, and the commit thread's Delta writes free buffers
+            # of ever new sizes: with glibc's sliding mmap threshold they stay in the heap. Measured on
+            # 6,000 Debian documents, chunks of 4,096, every layer, 1 thread: RSS after the ingest 526 ->
+            # 453 MB, peak 785 -> 762 MB; encoder CPU time unchanged (onnxruntime's arena maps its
+            # regions once, so no page faults per batch).
+            bound_heap()
             self._encoder = Encoder.load(self.model.artifact, threads=self.threads)
         return self._encoder
 

@@ -61,6 +61,19 @@ def test_the_plan_sends_stored_vectors_to_states_only(wh_with_vectors):
         assert other.plan.lacks_states(keys) == [True] * 4  # another precision is another cache
 
 
+def test_the_service_bounds_the_heap_when_it_starts_the_encoder_and_not_before(wh_with_vectors, monkeypatch):
+    wh, model = wh_with_vectors
+    calls = []
+    monkeypatch.setattr("pipelines.embedding.bound_heap", lambda: calls.append(1) or True)
+    with wh.writer() as writer:
+        service = EmbeddingService(writer, open_model(wh, model), layers=[2])
+        service.embed([doc_hash(t) for t in TEXTS[:2]], TEXTS[:2])  # stored already: no encoder, heap untouched
+        assert calls == []
+        service.embed([doc_hash(TEXTS[2])], TEXTS[2:3])
+        service.embed([doc_hash(TEXTS[3])], TEXTS[3:])
+        assert calls == [1]  # once, before the encoder's first batch
+
+
 def test_a_service_without_states_plans_no_states(wh_with_vectors):
     wh, model = wh_with_vectors
     with wh.writer() as writer:
