@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -44,18 +43,36 @@ print(matrix.shape[0])
 """
 
 
-def peak_rss_mb(command: list[str]) -> tuple[float, str, float]:
-    """Run ``command``; its own peak RSS in MB (from wait4, not the running maximum over children), stdout, seconds."""
+# Runs ``-m MODULE ARGS`` or ``-c CODE ARGS`` as python would, then prints the process's own peak RSS
+# (VmHWM) on stderr at exit: wait4's ru_maxrss would also count the parent's RSS at the spawn
+# (Linux carries the pre-exec peak into it; see bench.common.peak_rss_mb).
+REPORTING_PEAK = """
+import atexit, runpy, sys
+from bench.common import peak_rss_mb
+atexit.register(lambda: print(f"ew-bench-peak-rss-mb {peak_rss_mb()}", file=sys.stderr))
+how, what, rest = sys.argv[1], sys.argv[2], sys.argv[3:]
+if how == "-m":
+    sys.argv = [what, *rest]
+    runpy.run_module(what, run_name="__main__", alter_sys=True)
+else:
+    sys.argv = ["-c", *rest]
+    exec(compile(what, "<string>", "exec"), {"__name__": "__main__"})
+"""
+
+
+def peak_rss_mb(how: str, what: str, *args: str) -> tuple[float, str, float]:
+    """Run ``python HOW WHAT ARGS`` (``-m module`` or ``-c code``); its own peak RSS in MB, stdout, seconds."""
+    command = [sys.executable, "-c", REPORTING_PEAK, how, what, *args]
     started = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        child = subprocess.Popen(command, stdout=out, stderr=err, text=True)
-        _, status, usage = os.wait4(child.pid, 0)
-        child.returncode = os.waitstatus_to_exitcode(status)
+        child = subprocess.run(command, stdout=out, stderr=err, text=True, cwd=HERE.parent)
         seconds = time.perf_counter() - started
         out.seek(0), err.seek(0)
+        errors = err.read()
         if child.returncode:
-            raise SystemExit(f"{' '.join(command[:6])} ... failed:\n{err.read()}")
-        return usage.ru_maxrss / 1024, out.read(), seconds
+            raise SystemExit(f"python {how} {what[:40]} ... failed:\n{errors}")
+        peak = [line.split()[1] for line in errors.splitlines() if line.startswith("ew-bench-peak-rss-mb ")]
+        return float(peak[-1]), out.read(), seconds
 
 
 def build(source: Warehouse, target: Path, *, factor: int, model: str, layer: int) -> Warehouse:
@@ -99,11 +116,10 @@ def main() -> None:
         target = HERE / ".scale" / f"x{factor}"
         wh = build(source, target, factor=factor, model=model, layer=layer)
         ew_mb, out, ew_seconds = peak_rss_mb(
-            [sys.executable, "-m", "pipelines.cli", "-w", str(target), "fit-head", "--label", "section",
-             "--epochs", str(args.epochs), "--name", f"scale-{int(time.time())}", "--json"]
-        )
+            "-m", "pipelines.cli", "-w", str(target), "fit-head", "--label", "section",
+            "--epochs", str(args.epochs), "--name", f"scale-{int(time.time())}", "--json")
         fit = json.loads(out)
-        numpy_mb, loaded, numpy_seconds = peak_rss_mb([sys.executable, "-c", LOAD_INTO_NUMPY, str(wh.root), model, str(layer)])
+        numpy_mb, loaded, numpy_seconds = peak_rss_mb("-c", LOAD_INTO_NUMPY, str(wh.root), model, str(layer))
         row = {"factor": factor, "rows": fit["train"] + fit["val"] + fit["test"], "vectors_in_numpy": int(loaded),
                "ew_fit_head_peak_rss_mb": round(ew_mb, 1), "ew_fit_head_seconds": round(ew_seconds, 1),
                "numpy_load_peak_rss_mb": round(numpy_mb, 1), "numpy_load_seconds": round(numpy_seconds, 1),
