@@ -45,6 +45,7 @@ bench: $(STAMP) ## Measure ew beside sentence-transformers and scikit-learn (wri
 	$(BIN)/python -m bench.lifecycle
 	$(BIN)/python -m bench.search
 	$(BIN)/python -m bench.recycling
+	$(BIN)/python -m bench.recycling_precision
 	$(BIN)/python -m bench.scale_out
 
 clean: ## Remove the virtual environment, caches and the demo warehouse
