@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -27,36 +24,23 @@ from .common import debian_records, save, write_jsonl
 
 @contextmanager
 def local_s3_server() -> Iterator[str]:
-    """A moto S3 server on a free 127.0.0.1 port with one new bucket; the AWS variables point at it
-    for the block. Yields the bucket's name."""
+    """A moto S3 server (:func:`warehouse.s3.moto_server`) with one new bucket; the AWS variables
+    point at it for the block. Yields the bucket's name."""
     import boto3
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    from warehouse.s3 import moto_server
+
     saved = dict(os.environ)
     try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    raise SystemExit("the moto S3 server did not start: pip install 'moto[server]'") from None
-                time.sleep(0.1)
-        os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
-                          AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1")
-        bucket = f"ew-bench-{uuid.uuid4().hex[:8]}"
-        boto3.client("s3").create_bucket(Bucket=bucket)
-        yield bucket
+        with moto_server() as endpoint:
+            os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench",
+                              AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1")
+            bucket = f"ew-bench-{uuid.uuid4().hex[:8]}"
+            boto3.client("s3").create_bucket(Bucket=bucket)
+            yield bucket
     finally:
         os.environ.clear()
         os.environ.update(saved)
-        server.terminate()
-        server.wait()
 
 
 def _timed_ingest(location: str, corpus: Path, warm: Path, *, model: str, threads: int | None,

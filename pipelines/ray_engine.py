@@ -346,16 +346,13 @@ def local_cluster(*, num_cpus: int, port: int | None = None, startup: float = 60
     process of the cluster (raylet, workers) is found by that session and killed by id.
     """
     import signal
-    import socket
     import subprocess
     import sys
-    import time
+
+    from warehouse.loopback import free_port, listening
 
     require_ray()
-    if port is None:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
+    port = free_port() if port is None else port
     # Ray's unix sockets live under the temp dir: it must stay short (a socket path has at most 107 bytes).
     temp = Path(tempfile.mkdtemp(prefix="ew-ray-", dir="/tmp"))
     with open(temp / "ray-start.log", "w") as log:
@@ -366,15 +363,8 @@ def local_cluster(*, num_cpus: int, port: int | None = None, startup: float = 60
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=temp,
         )
     try:
-        deadline = time.monotonic() + startup
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if head.poll() is not None or time.monotonic() > deadline:
-                    raise EwError(f"ray start failed: {(temp / 'ray-start.log').read_text()[-2000:]}") from None
-                time.sleep(0.2)
+        if not listening(port, head, seconds=startup, poll=0.2):
+            raise EwError(f"ray start failed: {(temp / 'ray-start.log').read_text()[-2000:]}")
         yield f"127.0.0.1:{port}"
     finally:
         for sig in (signal.SIGTERM, signal.SIGKILL):

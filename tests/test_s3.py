@@ -21,6 +21,7 @@ boto3 = pytest.importorskip("boto3", reason="the S3 tests need boto3: pip instal
 from pipelines.cli import cli  # noqa: E402
 from pipelines.ingest import ingest  # noqa: E402
 from warehouse import LockLostError, Warehouse, WarehouseLockedError  # noqa: E402
+from warehouse.s3 import moto_server  # noqa: E402
 
 pytestmark = pytest.mark.s3
 
@@ -29,38 +30,16 @@ LOCK_TTL = 2.0
 
 @pytest.fixture(scope="module")
 def s3_server(tmp_path_factory):
-    """A moto S3 server on a free loopback port, and the AWS variables pointing at it for this module.
-
-    In a process of its own: delta-rs holds the GIL in some calls (``DeltaTable.is_deltatable``,
-    ``history``), so a server thread in the test process would never answer them."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if time.time() > deadline or server.poll() is not None:
-                server.kill()
-                pytest.fail("the moto S3 server did not start")
-            time.sleep(0.1)
-    try:
-        with pytest.MonkeyPatch.context() as env:
-            for name, value in {
-                "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-                "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
-                "EW_CACHE_DIR": str(tmp_path_factory.mktemp("ew-cache")), "EW_S3_LOCK_TTL": str(LOCK_TTL),
-            }.items():
-                env.setenv(name, value)
-            env.delenv("AWS_PROFILE", raising=False)
-            yield f"http://127.0.0.1:{port}"
-    finally:
-        server.terminate()
-        server.wait()
+    """A moto S3 server on a free loopback port (its own process), and the AWS variables pointing at it for this module."""
+    with moto_server() as endpoint, pytest.MonkeyPatch.context() as env:
+        for name, value in {
+            "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
+            "EW_CACHE_DIR": str(tmp_path_factory.mktemp("ew-cache")), "EW_S3_LOCK_TTL": str(LOCK_TTL),
+        }.items():
+            env.setenv(name, value)
+        env.delenv("AWS_PROFILE", raising=False)
+        yield endpoint
 
 
 def new_bucket() -> str:

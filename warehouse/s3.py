@@ -22,6 +22,8 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -33,6 +35,7 @@ from deltalake import DeltaTable
 
 from .errors import EwError, StorageError, first_line
 from .lock import LOCK_NAME, Hold, object_lock
+from .loopback import free_port, listening
 
 SCHEME = "s3://"
 MANIFEST = "manifest.json"
@@ -310,6 +313,23 @@ class S3Storage:
                             destination_filesystem=self.fs)
         except OSError as error:
             raise StorageError(f"cannot upload {local} to {self.location(relative)} ({first_line(error)})") from None
+
+
+@contextmanager
+def moto_server(*, startup: float = 30.0) -> Iterator[str]:
+    """A moto S3 server (``moto[server]``) on a free 127.0.0.1 port, stopped on exit; yields its
+    endpoint URL. For tests and benchmarks. In a process of its own: delta-rs holds the GIL in some
+    calls (``DeltaTable.is_deltatable``, ``history``), so a server thread beside them never answers."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        if not listening(port, server, seconds=startup):
+            raise EwError("the moto S3 server did not start: pip install 'moto[server]'")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait()
 
 
 def _link_or_copy(source: str, destination: str) -> None:
