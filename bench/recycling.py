@@ -253,6 +253,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=1, help="seeds of rows top, full FT and top fp32 (mean shown)")
     parser.add_argument("--reuse", action="store_true", help="keep bench/.recycling's warehouse (ingest reuses it)")
     args = parser.parse_args()
+    if args.seeds < 1:
+        parser.error(f"--seeds must be at least 1, got {args.seeds}")
 
     import onnxruntime
     import torch
