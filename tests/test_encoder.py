@@ -52,6 +52,15 @@ def test_token_budget_does_not_change_vectors_or_order(encoder):
     assert sum(seen) == len(TEXTS) and len(seen) > 1  # progress per batch, every text once
 
 
+def test_batches_run_side_by_side_give_the_same_numbers_in_input_order(encoder, tiny_artifact):
+    texts = [f"{TEXTS[i % len(TEXTS)]} {i} " * (1 + i % 7) for i in range(40)]
+    alone = encoder.encode(texts, batch_size=2).vectors
+    seen = []
+    lanes = Encoder.load(tiny_artifact, threads=3).encode(texts, batch_size=2, on_progress=seen.append)
+    np.testing.assert_array_equal(lanes.vectors, alone)  # one thread per batch either way: the same sums
+    assert sum(seen) == len(texts) and len(seen) == 20
+
+
 def test_length_batches_cover_each_text_once_longest_first_within_budget():
     lengths = np.array([5, 40, 7, 40, 3, 12, 12, 1])
     batches = length_batches(lengths, batch_size=3, batch_tokens=30)

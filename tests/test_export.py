@@ -92,8 +92,12 @@ def test_zero_tolerance_fails_and_leaves_nothing(tiny_bert_dir, tmp_path):
 def test_perturbed_verification_fails(tiny_bert_dir, tmp_path, monkeypatch):
     from pipelines import encoder
 
-    run = encoder.Encoder._run
-    monkeypatch.setattr(encoder.Encoder, "_run", lambda self, *args: run(self, *args) + 1e-3)
+    in_lanes = encoder.Encoder._in_lanes
+
+    def perturbed(self, run, batches):  # every batch's outputs, off by 1e-3
+        return ((rows, [out + 1e-3 for out in outs]) for rows, outs in in_lanes(self, run, batches))
+
+    monkeypatch.setattr(encoder.Encoder, "_in_lanes", perturbed)
     with pytest.raises(ExportError, match="tolerance 0.0001"):
         export_model(resolve_model(str(tiny_bert_dir)), tmp_path / "artifact")
     assert list(tmp_path.iterdir()) == []
