@@ -15,8 +15,8 @@ the same pooled vectors plus layer K's hidden state of every token.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
 from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -240,12 +240,14 @@ class Encoder:
         """(rows, ``run(rows)``) for each batch, in order, with up to ``self._lanes`` batches running at once.
 
         At most two batches per lane are submitted ahead of the one the caller takes next, so the
-        outputs waiting to be taken stay a few batches whatever the text count.
+        outputs waiting to be taken stay a few batches whatever the text count. On an error or
+        Ctrl-C the batches not started are dropped and the running ones finish first.
         """
         if self._lanes == 1 or len(batches) == 1:
             yield from ((rows, run(rows)) for rows in batches)
             return
-        with ThreadPoolExecutor(max_workers=self._lanes, thread_name_prefix="ew-encode") as pool:
+        pool = ThreadPoolExecutor(max_workers=self._lanes, thread_name_prefix="ew-encode")
+        try:
             pending: deque[tuple[np.ndarray, Future]] = deque()
             for rows in batches:
                 pending.append((rows, pool.submit(run, rows)))
@@ -254,6 +256,8 @@ class Encoder:
                     yield rows_done, future.result()
             for rows_done, future in pending:
                 yield rows_done, future.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def _feeds(self, texts_ids: list[np.ndarray]) -> dict[str, np.ndarray]:
         width = max(i.shape[1] for i in texts_ids)

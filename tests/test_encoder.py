@@ -61,6 +61,18 @@ def test_batches_run_side_by_side_give_the_same_numbers_in_input_order(encoder, 
     assert sum(seen) == len(texts) and len(seen) == 20
 
 
+def test_an_error_while_batches_run_side_by_side_stops_the_encoding_and_surfaces(tiny_artifact):
+    encoder = Encoder.load(tiny_artifact, threads=2)
+    texts = [f"text {i} " * (1 + i % 5) for i in range(30)]
+
+    def interrupt(_rows):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        encoder.encode(texts, batch_size=2, on_progress=interrupt)
+    assert encoder.encode(texts, batch_size=2).vectors.shape == (30, 3, 32)  # the encoder is still usable
+
+
 def test_length_batches_cover_each_text_once_longest_first_within_budget():
     lengths = np.array([5, 40, 7, 40, 3, 12, 12, 1])
     batches = length_batches(lengths, batch_size=3, batch_tokens=30)
